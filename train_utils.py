@@ -1,0 +1,437 @@
+"""Training machinery shared by pretrain.py, finetune.py and evaluate.py: script entry and errors,
+distributed setup, mixed precision, the published learning-rate schedule, checkpoints (atomic,
+self-describing, loadable with ``weights_only=True``), RNG state, the metrics CSV and loss plots."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import pickle
+import random
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_utils import InputError
+from model import ModelConfig, PerformerLM, infer_config
+
+# --------------------------------------------------------------------------------------------------
+# script entry
+
+
+def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> Any:
+    """Parses arguments and runs main(args). A problem the user can fix (InputError) ends the script
+    with one line on stderr and exit code 2; --debug shows the traceback instead."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except InputError as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """One process, or one of several started by torchrun (read from its environment variables):
+    gloo on CPU, nccl on CUDA."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistContext(rank, world_size, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_arrays(array: np.ndarray, ctx: DistContext) -> np.ndarray:
+    """Concatenates a per-rank numpy array over all ranks (rank order); a no-op in one process."""
+    if not ctx.distributed:
+        return array
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model behind DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------------
+# precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls faster than fp32 on a CPU; without them bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    if mode == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        return "bf16" if cpu_has_fast_bf16() else "none"
+    if mode == "fp16" and device.type != "cuda":
+        raise InputError("--amp fp16 needs a CUDA GPU and none is in use; use --amp bf16 or --amp none")
+    if mode == "apex":
+        if device.type != "cuda":
+            raise InputError("--amp apex needs a CUDA GPU and none is in use; use --amp bf16 or --amp none")
+        try:
+            import apex.amp  # noqa: F401  (NVIDIA apex, installed by hand; never the PyPI "apex")
+        except ImportError:
+            raise InputError(
+                "--amp apex needs NVIDIA apex, which is not installed; build it from NVIDIA's apex "
+                "repository, or use --amp fp16 / bf16 (native PyTorch mixed precision)"
+            ) from None
+    return mode
+
+
+class Precision:
+    """Autocast, loss scaling and the optimiser step for one precision mode."""
+
+    def __init__(self, mode: str, device: torch.device):
+        self.mode = mode
+        self.device = device
+        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[nn.Module, Any]:
+        if self.mode == "apex" and optimizer is not None:
+            from apex import amp
+
+            model, optimizer = amp.initialize(model, optimizer, opt_level="O1", verbosity=0)
+        return model, optimizer
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mode in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.mode == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        elif self.mode == "apex":
+            from apex import amp
+
+            with amp.scale_loss(loss, optimizer) as scaled:
+                scaled.backward()
+        else:
+            loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if clip and clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule
+
+
+def warm_restart_lr(
+    epoch: int,
+    max_lr: float,
+    min_lr: float = 1e-6,
+    first_cycle: int = 15,
+    cycle_mult: float = 2.0,
+    warmup: int = 5,
+    gamma: float = 0.9,
+) -> float:
+    """The published schedule, as a function of the epoch: cosine annealing with warm restarts,
+    a linear warm-up from min_lr at the start of each cycle, cycles growing by cycle_mult, and the
+    peak decaying by gamma per cycle."""
+    cycle, length, step = 0, first_cycle, epoch
+    while step >= length:
+        step -= length
+        cycle += 1
+        length = int((length - warmup) * cycle_mult) + warmup
+    peak = max_lr * gamma**cycle
+    if step < warmup:
+        return min_lr + (peak - min_lr) * step / warmup
+    return min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (length - warmup))) / 2
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, **kwargs: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch LambdaLR following `warm_restart_lr` (its state is plain numbers)."""
+    for group in optimizer.param_groups:
+        group["lr"] = max_lr
+        group["initial_lr"] = max_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: warm_restart_lr(epoch, max_lr, **kwargs) / max_lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# randomness
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training touches, as tensors, numbers and lists (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def versions() -> dict[str, str]:
+    import anndata
+    import scanpy
+
+    found = {"torch": torch.__version__, "numpy": np.__version__, "anndata": anndata.__version__,
+             "scanpy": scanpy.__version__, "python": sys.version.split()[0]}
+    return {name: str(version) for name, version in found.items()}  # plain str: weights_only loads it
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """torch.save to a temporary file beside the target, then an atomic rename: a crash mid-write
+    leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Removes the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes, wherever they stack."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint dict, with the model weights under `model_state_dict` and wrapper prefixes
+    stripped. Accepts a bare state dict too. Any unreadable file raises one clear InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist; pass --model_path with a .pth file "
+                         f"written by pretrain.py/finetune.py or a published scBERT checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" not in str(err).lower():  # other failures: not a torch.save file
+            raise InputError(f"{path} is not a readable PyTorch checkpoint (the file is not in torch.save "
+                             f"format); point --model_path at a .pth from pretrain.py/finetune.py or a "
+                             f"published scBERT file") from None
+        raise InputError(
+            f"{path} holds pickled Python objects that safe loading (weights_only) refuses "
+            f"({str(err).splitlines()[-1][:160]}); re-save it with tensors, numbers, strings, lists and dicts "
+            f"only, or load it yourself if you trust its source and save its 'model_state_dict'"
+        ) from None
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            f"it may be truncated or another kind of file: re-copy it or point --model_path at a .pth "
+            f"from pretrain.py/finetune.py or a published scBERT file"
+        ) from None
+    if isinstance(ckpt, Mapping) and "model_state_dict" not in ckpt and "token_emb.weight" in ckpt:
+        ckpt = {"model_state_dict": ckpt}
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model_state_dict"), Mapping):
+        found = list(ckpt)[:6] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise InputError(f"{path} holds no scBERT model (expected a dict with 'model_state_dict'; found {found}); "
+                         f"pass a checkpoint written by pretrain.py/finetune.py or a published scBERT file")
+    ckpt = dict(ckpt)
+    ckpt["model_state_dict"] = strip_wrapper_prefixes(ckpt["model_state_dict"])
+    return ckpt
+
+
+def build_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> PerformerLM:
+    state = ckpt["model_state_dict"]
+    try:
+        inferred, head, n_classes = infer_config(state)
+    except (KeyError, ValueError, IndexError) as err:
+        raise InputError(
+            f"{path} has an unknown layout ({type(err).__name__}: {err}; its first keys: {list(state)[:5]}); "
+            f"expected scBERT keys such as token_emb.weight and performer.net.layers.0.0.fn.to_q.weight"
+        ) from None
+    config = ModelConfig.from_dict(ckpt["config"]) if "config" in ckpt else inferred
+    model = PerformerLM(config)
+    if head == "classifier":
+        model.attach_classifier(n_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{path} does not fit the model it describes: {str(err).splitlines()[0][:300]}; "
+                         f"the file may come from another model") from None
+    model.performer.redraw_seed = int(ckpt.get("redraw_seed", 0))
+    model.performer.redraw_count = int(ckpt.get("redraw_count", 0))
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[PerformerLM, dict[str, Any]]:
+    """Rebuilds a model (in eval mode) from one of our checkpoints or from a published scBERT file,
+    which carries no config: the architecture is then read off its tensor shapes."""
+    ckpt = read_checkpoint(path, map_location)
+    return build_model_from_checkpoint(ckpt, path), ckpt
+
+
+def model_checkpoint_fields(model: nn.Module) -> dict[str, Any]:
+    """The model part of a checkpoint: weights under the published names plus what rebuilds it."""
+    plain = unwrap(model)
+    assert isinstance(plain, PerformerLM)
+    return {
+        "model_state_dict": strip_wrapper_prefixes(plain.state_dict()),
+        "config": plain.config.to_dict(),
+        "head": plain.head_kind,
+        "redraw_seed": plain.performer.redraw_seed,
+        "redraw_count": plain.performer.redraw_count,
+        "versions": versions(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics log and plots
+
+
+class MetricsLog:
+    """One CSV row per epoch beside the checkpoint. On resume, rows after the resumed epoch are
+    dropped, so the file always describes the run that produced the checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, resume_epoch: int | None = None):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        if resume_epoch is not None and self.path.exists():
+            with open(self.path, newline="") as handle:
+                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= resume_epoch]
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [c for c in r if c not in columns]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def plot(self, png_path: str | os.PathLike, series: list[tuple[str, str]], title: str) -> None:
+        """A PNG with one curve per (column, label) against the epoch, skipping absent columns."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.4), squeeze=False)
+        epochs = [int(r["epoch"]) for r in self.rows]
+        for ax, (column, label) in zip(axes[0], series):
+            values = [float(r[column]) if r.get(column) not in (None, "") else math.nan for r in self.rows]
+            ax.plot(epochs, values, marker="o")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, png_path)
+
+
+def progress(iterable: Any, enabled: bool, **kwargs: Any) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs))
