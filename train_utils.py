@@ -218,12 +218,26 @@ def warm_restart_lr(
     return min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (length - warmup))) / 2
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, **kwargs: Any) -> torch.optim.lr_scheduler.LambdaLR:
+def add_schedule_flags(group: Any) -> None:
+    """The published optimiser and schedule (REFERENCE.md §4) as defaults, shared by both trainers."""
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="Adam; peak of the schedule")
+    group.add_argument("--min_lr", type=float, default=1e-6, help="floor of the cosine schedule")
+    group.add_argument("--cycle", type=int, default=15, help="epochs in the first cosine cycle (x2 after)")
+    group.add_argument("--warmup", type=int, default=5, help="warm-up epochs at the start of each cycle")
+    group.add_argument("--lr_decay", type=float, default=0.9, help="peak decay per cycle")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-epoch LambdaLR following `warm_restart_lr` (its state is plain numbers)."""
+    max_lr = args.learning_rate
     for group in optimizer.param_groups:
         group["lr"] = max_lr
         group["initial_lr"] = max_lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: warm_restart_lr(epoch, max_lr, **kwargs) / max_lr)
+
+    def factor(epoch: int) -> float:
+        return warm_restart_lr(epoch, max_lr, args.min_lr, args.cycle, 2.0, args.warmup, args.lr_decay) / max_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,18 +280,31 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    import anndata
-    import scanpy
+    from importlib.metadata import version
 
-    found = {"torch": torch.__version__, "numpy": np.__version__, "anndata": anndata.__version__,
-             "scanpy": scanpy.__version__, "python": sys.version.split()[0]}
-    return {name: str(version) for name, version in found.items()}  # plain str: weights_only loads it
+    found = {"torch": torch.__version__, "numpy": np.__version__, "anndata": version("anndata"),
+             "scanpy": version("scanpy"), "python": sys.version.split()[0]}
+    return {name: str(v) for name, v in found.items()}  # plain str: weights_only loads it
+
+
+def to_plain(obj: Any) -> Any:
+    """numpy scalars and arrays (which weights_only loading refuses) as Python numbers and tensors."""
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    return obj
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """torch.save to a temporary file beside the target, then an atomic rename: a crash mid-write
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. Contents must load with weights_only=True."""
     path = Path(path)
+    state = to_plain(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -317,7 +344,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
                              f"published scBERT file") from None
         raise InputError(
             f"{path} holds pickled Python objects that safe loading (weights_only) refuses "
-            f"({str(err).splitlines()[-1][:160]}); re-save it with tensors, numbers, strings, lists and dicts "
+            f"({next((l.strip() for l in str(err).splitlines() if 'Unsupported global' in l), '')[:160]}); re-save it with tensors, numbers, strings, lists and dicts "
             f"only, or load it yourself if you trust its source and save its 'model_state_dict'"
         ) from None
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -435,3 +462,135 @@ def progress(iterable: Any, enabled: bool, **kwargs: Any) -> Iterator[Any]:
     from tqdm import tqdm
 
     return iter(tqdm(iterable, disable=not enabled, dynamic_ncols=True, leave=False, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------------
+# loops: loaders, DDP wrapping, reductions, logging
+
+
+class Logger:
+    """print() on rank 0 only."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Creates the folder if needed and proves it writable before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"cannot write to {path} ({err.strerror}); choose a writable folder") from None
+    return path
+
+
+def derive_seed(seed: int, *parts: int, salt: int = 0) -> int:
+    """A seed for one (rank, epoch, ...) that does not depend on how much randomness came before,
+    so a resumed epoch draws exactly what the interrupted one drew."""
+    return int(np.random.SeedSequence([seed, salt, *parts]).generate_state(1)[0])
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext, shuffle: bool,
+                seed: int, epoch: int, num_workers: int = 0, pad: bool = True) -> torch.utils.data.DataLoader:
+    """Each rank's share of the dataset, in an order that depends only on (seed, epoch).
+
+    pad=True (training) lets DistributedSampler repeat a few cells so all ranks take the same number
+    of steps; pad=False (scoring) gives every cell to exactly one rank."""
+    if pad:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                      shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = list(range(ctx.rank, len(dataset), ctx.world_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=ctx.device.type == "cuda")
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def maybe_no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync for the micro-steps of gradient accumulation that are not the last."""
+    if skip_sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(values: np.ndarray, ctx: DistContext) -> np.ndarray:
+    if not ctx.distributed:
+        return np.asarray(values, dtype=np.float64)
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if ctx.device.type == "cuda":
+        tensor = tensor.to(ctx.device)
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def plain_args(args: Any) -> dict[str, Any]:
+    """argparse values as plain types, for a weights_only checkpoint."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
+
+
+def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, np.ndarray]],
+                    precision: Precision, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                    grad_acc: int, clip: float, show_progress: bool, desc: str) -> np.ndarray:
+    """One pass over the loader with gradient accumulation (DDP syncs only on the last micro-step).
+    loss_fn(batch) -> (loss to minimise, statistics to sum); returns the summed statistics."""
+    totals = None
+    n_steps = len(loader)
+    for step, batch in enumerate(progress(loader, show_progress, desc=desc, total=n_steps)):
+        last_micro = (step + 1) % grad_acc == 0 or step + 1 == n_steps
+        with maybe_no_sync(model, not last_micro):
+            loss, stats = loss_fn(batch)
+            precision.backward(loss / grad_acc, optimizer)
+        if last_micro:
+            precision.step(optimizer, params, clip)
+        totals = stats if totals is None else totals + stats
+    optimizer.zero_grad(set_to_none=True)  # nothing accumulated leaks into the next epoch
+    return totals if totals is not None else np.zeros(1)
+
+
+def summarise_folds(rows: list[dict[str, Any]]) -> Any:
+    """Per-fold scores plus 'mean' and 'sd' rows (sample sd over folds)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    metrics = [c for c in table.columns if c not in ("fold", "n_test")]
+    mean = {"fold": "mean", "n_test": int(table["n_test"].sum()), **{m: table[m].mean() for m in metrics}}
+    sd = {"fold": "sd", "n_test": "", **{m: table[m].std(ddof=1) for m in metrics}}
+    return pd.concat([table.astype({"fold": str}), pd.DataFrame([mean, sd])], ignore_index=True)
+
+
+def check_ranks_agree(model: nn.Module, ctx: DistContext, log: Callable[[str], None]) -> None:
+    """After distributed training every rank must hold the same weights (DDP averages gradients and
+    the random features are redrawn from a shared seed). Compares a checksum of all parameters and
+    buffers across ranks and fails loudly if they diverged."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        total = torch.zeros(2, dtype=torch.float64)
+        for tensor in unwrap(model).state_dict().values():
+            t = tensor.detach().double().cpu().flatten()
+            total += torch.stack((t.sum(), (t * torch.arange(1, len(t) + 1, dtype=torch.float64)).sum()))
+    sums: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(sums, total.tolist())
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"model weights differ between ranks after training: {sums}")
+    log(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")
