@@ -101,9 +101,6 @@ def main(args: argparse.Namespace) -> Path:
     log(f"data: {aligned.n_obs} cells, {len(panel)} panel genes ({input_format} input)")
     cells = utils.filter_cells_min_genes(aligned, args.min_genes, drop=True) if args.min_genes > 0 \
         else np.arange(aligned.n_obs)
-    if len(cells) < aligned.n_obs:
-        log(f"kept {len(cells)} of {aligned.n_obs} cells with >= {args.min_genes} expressed panel genes "
-            f"(--min_genes; 0 keeps every cell)")
     fingerprint = utils.data_fingerprint(adata)
     if resume_ckpt is not None and resume_ckpt.get("data_fingerprint") != fingerprint:
         raise utils.InputError(f"{ckpt_path} was trained on other data than {args.data_path or 'the default data'}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import os
 import pickle
@@ -31,6 +32,8 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     """Parses arguments and runs main(args). A problem the user can fix (InputError) ends the script
     with one line on stderr and exit code 2; --debug shows the traceback instead."""
     args = parser.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", force=True)
     try:
         return main(args)
     except InputError as err:
