@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction")
     data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest")
     data.add_argument("--folds", type=int, default=0, help="K > 1: stratified K-fold cross-validation")
+    data.add_argument("--min_cells_per_class", type=int, default=0,
+                      help="leave out cell types with fewer labelled cells (0: keep every type)")
     data.add_argument("--num_workers", type=int, default=0)
     model = p.add_argument_group("model")
     model.add_argument("--model_path", default=None, help=f"pretrained weights (ours or the published "
@@ -291,6 +293,14 @@ def main(args: argparse.Namespace) -> Path:
     rows, label_strings = read_labels(adata, args.label_key)
     if len(rows) < adata.n_obs:
         log(f"{adata.n_obs - len(rows)} cells without a label in obs[{args.label_key!r}] are left out")
+    if args.min_cells_per_class > 0:
+        names, counts = np.unique(label_strings, return_counts=True)
+        rare = {str(n) for n, c in zip(names, counts) if c < args.min_cells_per_class}
+        if rare:
+            keep = ~np.isin(label_strings, list(rare))
+            rows, label_strings = rows[keep], label_strings[keep]
+            log(f"left out {int((~keep).sum())} cells of {len(rare)} type(s) with fewer than "
+                f"{args.min_cells_per_class} cells: {', '.join(sorted(rare))}")
     label_names = sorted(set(label_strings))
     if len(label_names) < 2:
         raise utils.InputError(f"obs[{args.label_key!r}] holds a single cell type ({label_names[0]}); "
@@ -298,12 +308,6 @@ def main(args: argparse.Namespace) -> Path:
     codes_of_labelled = np.searchsorted(label_names, label_strings)
     labels_per_row = np.full(adata.n_obs, -1, dtype=np.int64)
     labels_per_row[rows] = codes_of_labelled
-    panel = choose_panel(args, start, start_path, adata, input_format)
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
-    found = aligned.uns["scbert_panel_overlap"]
-    log(f"data: {len(rows)} labelled cells of {len(label_names)} types; {found['found']} of {found['total']} "
-        f"panel genes found ({input_format} input)")
-
     # splits index rows of the data as read (labelled cells only), so evaluate.py finds the same cells
     if args.folds and args.folds > 1:
         splits = utils.stratified_folds(label_strings, args.folds, args.valid_size, args.seed)
@@ -311,6 +315,11 @@ def main(args: argparse.Namespace) -> Path:
         splits = [utils.stratified_splits(label_strings, args.test_size, args.valid_size, args.seed)]
     splits = [{k: rows[v] for k, v in s.items()} for s in splits]
 
+    panel = choose_panel(args, start, start_path, adata, input_format)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    found = aligned.uns["scbert_panel_overlap"]
+    log(f"data: {len(rows)} labelled cells of {len(label_names)} types; {found['found']} of {found['total']} "
+        f"panel genes found ({input_format} input)")
     utils.check_writable_dir(ckpt_dir)  # after the inputs are known good: an error leaves nothing behind
 
     def build_model() -> PerformerLM:

@@ -33,7 +33,9 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     with one line on stderr and exit code 2; --debug shows the traceback instead."""
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", force=True)
+    # progress notes go to stdout with the rest of the log; stderr keeps only the error line
+    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", stream=sys.stdout,
+                        force=True)
     try:
         return main(args)
     except InputError as err:
