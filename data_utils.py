@@ -29,7 +29,7 @@ __all__ = [
     "tokenize", "tokenize_matrix", "expressed_gene_counts", "filter_cells_min_genes",
     "mask_expressed_genes", "TokenDataset", "token_loader",
     "stratified_splits", "stratified_folds", "data_fingerprint",
-    "load_gene2vec", "coexpression_pairs", "train_gene2vec", "save_gene2vec",
+    "load_gene2vec", "coexpression_pairs", "log_normalised", "train_gene2vec", "save_gene2vec",
 ]
 
 logger = logging.getLogger("scbert.data")
@@ -1003,7 +1003,7 @@ def load_gene2vec(path: str | os.PathLike, panel: Sequence[str],
     return table, n_found
 
 
-def _log_normalised(X: sp.csr_matrix, input_format: str) -> sp.csr_matrix:
+def log_normalised(X: sp.csr_matrix, input_format: str) -> sp.csr_matrix:
     X = sp.csr_matrix(X, dtype=np.float32, copy=True)
     if input_format == "counts":
         totals = np.asarray(X.sum(axis=1)).ravel()
@@ -1066,7 +1066,7 @@ def train_gene2vec(adata: ad.AnnData, dim: int = 200, seed: int = 2021, input_fo
         rows = np.sort(rng.choice(adata.n_obs, max_cells, replace=False))
     reader = _RowReader(adata)
     try:
-        X = _log_normalised(reader.read(rows), fmt)
+        X = log_normalised(reader.read(rows), fmt)
     finally:
         reader.close()
     pairs = coexpression_pairs(X, top_k=top_k, min_corr=min_corr)

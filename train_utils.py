@@ -371,14 +371,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def build_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> PerformerLM:
     state = ckpt["model_state_dict"]
-    try:
-        inferred, head, n_classes = infer_config(state)
-    except (KeyError, ValueError, IndexError) as err:
-        raise InputError(
-            f"{path} has an unknown layout ({type(err).__name__}: {err}; its first keys: {list(state)[:5]}); "
-            f"expected scBERT keys such as token_emb.weight and performer.net.layers.0.0.fn.to_q.weight"
-        ) from None
-    config = ModelConfig.from_dict(ckpt["config"]) if "config" in ckpt else inferred
+    if "config" in ckpt:  # ours: the config is stored; the head is read off the keys
+        config = ModelConfig.from_dict(ckpt["config"])
+        head = "classifier" if "to_out.fc3.weight" in state else "mlm"
+        n_classes = int(state["to_out.fc3.weight"].shape[0]) if head == "classifier" else None
+    else:
+        try:
+            config, head, n_classes = infer_config(state)
+        except (KeyError, ValueError, IndexError) as err:
+            raise InputError(
+                f"{path} has an unknown layout ({type(err).__name__}: {err}; its first keys: {list(state)[:5]}); "
+                f"expected scBERT keys such as token_emb.weight and performer.net.layers.0.0.fn.to_q.weight"
+            ) from None
     model = PerformerLM(config)
     if head == "classifier":
         model.attach_classifier(n_classes)
