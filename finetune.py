@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cls_dropout", type=float, default=0.0, help="dropout in the classifier head")
     model.add_argument("--grad_checkpoint", action="store_true")
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=30, help="maximum epochs")
+    train.add_argument("--epoch", type=int, default=15, help="maximum epochs (default: one first cycle of the published schedule)")
     train.add_argument("--batch_size", type=int, default=8)
     train.add_argument("--grad_acc", type=int, default=1)
     utils.add_schedule_flags(train)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "gene list, or word2vec text); default: trained here from the data's co-expression")
     model.add_argument("--grad_checkpoint", action="store_true", help="recompute activations in backward")
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=8, help="training epochs")
+    train.add_argument("--epoch", type=int, default=5, help="training epochs (small default for the CPU quick start)")
     train.add_argument("--batch_size", type=int, default=8, help="cells per step and process")
     train.add_argument("--grad_acc", type=int, default=1, help="steps of gradient accumulation")
     utils.add_schedule_flags(train)

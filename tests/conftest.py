@@ -1,8 +1,26 @@
-"""Tests import the top-level modules (model, utils, ...) from the repository root."""
+"""Tests import the top-level modules (model, utils, ...) from the repository root.
+
+One thread per process: the models in the tests are small, and several test processes (torchrun
+ranks, killed-and-resumed runs) may share the cores; OpenMP thread pools that outnumber the cores
+slow small kernels down many-fold."""
+import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; inherited by subprocesses
+
+import pytest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def default_subset(tmp_path_factory):
+    """Every third cell of the embedded default data (234 real cells, all 10 types, 765 genes)."""
+    import utils
+
+    path = tmp_path_factory.mktemp("data") / "pbmc68k_subset.h5ad"
+    utils.read_dataset(None)[::3].copy().write_h5ad(path)
+    return path

@@ -68,8 +68,8 @@ def test_finetune_from_pretrained_keeps_test_cells_apart(pretrained, tmp_path):
     assert (tmp_path / "finetune_last.pth").exists() and (tmp_path / "finetune_loss.png").exists()
 
 
-def test_finetune_resume_equals_uninterrupted(tmp_path):
-    base = [*FAST, *SCHEDULE, "--from_scratch", "--no-pos_embed", "--seed", "5"]
+def test_finetune_resume_equals_uninterrupted(tmp_path, default_subset):
+    base = [*FAST, *SCHEDULE, "--from_scratch", "--no-pos_embed", "--seed", "5", "--data_path", str(default_subset)]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "3", "--ckpt_dir", str(whole)]))
     finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "2", "--ckpt_dir", str(parts)]))
@@ -78,8 +78,8 @@ def test_finetune_resume_equals_uninterrupted(tmp_path):
     assert (whole / "finetune_metrics.csv").read_text().count("\n") == (parts / "finetune_metrics.csv").read_text().count("\n")
 
 
-def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    base = [*FAST, *SCHEDULE, "--epoch", "3", "--seed", "11", "--batch_size", "4"]
+def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, default_subset):
+    base = [*FAST, *SCHEDULE, "--epoch", "3", "--seed", "11", "--batch_size", "4", "--data_path", str(default_subset)]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_script("pretrain.py", *base, "--ckpt_dir", str(whole)).returncode == 0
 
@@ -102,7 +102,7 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
 def test_torchrun_two_ranks_agree_and_write_one_set_of_files(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {"OMP_NUM_THREADS": "1"}
-    result = run_script("pretrain.py", *FAST, *SCHEDULE, "--epoch", "1", "--ckpt_dir", str(tmp_path),
+    result = run_script("pretrain.py", *FAST, *SCHEDULE, "--epoch", "2", "--ckpt_dir", str(tmp_path),
                         launcher=launcher, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical on all 2 ranks" in result.stdout
@@ -115,7 +115,7 @@ def test_torchrun_two_ranks_agree_and_write_one_set_of_files(tmp_path):
     assert files == sorted(["pretrain.pth", "pretrain_metrics.csv", "pretrain_loss.png", "gene2vec_16.npy",
                             "gene2vec_16.txt", "finetune_best.pth", "finetune_last.pth",
                             "finetune_metrics.csv", "finetune_loss.png"])
-    assert (tmp_path / "pretrain_metrics.csv").read_text().count("\n") == 2
+    assert (tmp_path / "pretrain_metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
 def test_published_layout_checkpoint_fine_tunes_with_a_gene_panel(tmp_path):
