@@ -42,7 +42,7 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        cleanup_distributed()
+        cleanup_distributed(sync=False)
         sys.exit(2)
 
 
@@ -85,9 +85,16 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world_size, local_rank, dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(sync: bool = True) -> None:
+    """Tears the process group down together: a rank that exits while another is still inside a gloo
+    collective or its teardown can make the other abort (seen as SIGABRT at the end of a run).
+    sync=False (the error path) skips the barrier, which a rank that did not fail might never reach."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sync:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def gather_arrays(array: np.ndarray, ctx: DistContext) -> np.ndarray:
