@@ -159,6 +159,12 @@ def _ranges_to_index(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     return offsets + np.arange(total, dtype=np.int64)
 
 
+def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous runs [start, stop) of sorted distinct rows."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return rows[np.concatenate(([0], breaks))], rows[np.concatenate((breaks - 1, [len(rows) - 1]))] + 1
+
+
 class _RowReader:
     """Reads arbitrary rows of adata.X as CSR float matrices.
 
@@ -240,17 +246,31 @@ class _RowReader:
             return block
         return block[inverse]
 
+    def read_arrays(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(data, indices, indptr) of the rows in the order given, as `read` would hold them. Sorted
+        distinct rows of a backed CSR file (the streaming case) never build a scipy matrix: its
+        constructor's checks cost as much as tokenising."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.X is None and self.kind == "csr" and (len(rows) < 2 or bool((np.diff(rows) > 0).all())):
+            self._open()
+            return self._read_sorted_arrays(rows)
+        X = self.read(rows)
+        return X.data, X.indices, X.indptr
+
     def _read_sorted(self, rows: np.ndarray) -> sp.csr_matrix:
         n_cols = self.shape[1]
         if len(rows) == 0:
             return sp.csr_matrix((0, n_cols), dtype=np.float32)
-        # contiguous runs of wanted rows: [run_start, run_stop)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        run_start = rows[np.concatenate(([0], breaks))]
-        run_stop = rows[np.concatenate((breaks - 1, [len(rows) - 1]))] + 1
-        if self.kind == "dense":
-            parts = [self._dense[a:b] for a, b in zip(run_start, run_stop)]
-            return sp.csr_matrix(np.concatenate(parts, axis=0))
+        if self.kind == "csr":
+            return sp.csr_matrix(self._read_sorted_arrays(rows), shape=(len(rows), n_cols))
+        run_start, run_stop = _runs(rows)
+        parts = [self._dense[a:b] for a, b in zip(run_start, run_stop)]  # a dense backed X
+        return sp.csr_matrix(np.concatenate(parts, axis=0))
+
+    def _read_sorted_arrays(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(rows) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
+        run_start, run_stop = _runs(rows)
         ptr = self._indptr
         # merge runs separated by few stored values into spans read with one HDF5 call each
         gap = ptr[run_start[1:]] - ptr[run_stop[:-1]]
@@ -272,8 +292,8 @@ class _RowReader:
         lengths = ptr[rows + 1] - ptr[rows]
         indptr = np.concatenate(([0], np.cumsum(lengths)))
         if len(datas) == 1:  # the streaming case: one span, no copy
-            return sp.csr_matrix((datas[0], idxs[0], indptr), shape=(len(rows), n_cols))
-        return sp.csr_matrix((np.concatenate(datas), np.concatenate(idxs), indptr), shape=(len(rows), n_cols))
+            return datas[0], idxs[0], indptr
+        return np.concatenate(datas), np.concatenate(idxs), indptr
 
     def blocks(self, chunk: int = _CHUNK_ROWS) -> Iterable[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.shape[0], chunk):
@@ -287,6 +307,11 @@ class _RowReader:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _canonical_sample(adata: ad.AnnData) -> bool:
+    """Whether a sample of rows (as format detection reads them) has sorted, distinct columns."""
+    return bool(sp.csr_matrix(_sample_rows(adata)).has_canonical_format)
 
 
 def _sample_rows(adata: ad.AnnData, max_rows: int = _ROW_SAMPLE) -> sp.csr_matrix:
@@ -543,24 +568,35 @@ def _tokenize_csr(X: sp.csr_matrix, input_format: str, bin_num: int, out: np.nda
         out = np.zeros((n, g + 1), dtype=np.uint8)  # last column: the appended position, always 0
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous: the scatter writes through a flat view of it")
-    flat = out.reshape(-1)
-    ptr = X.indptr
+    positions, tokens = _nonzero_tokens(X.data, X.indices, X.indptr, g + 1, input_format, bin_num)
+    out.reshape(-1)[positions] = tokens
+    return out
+
+
+def _nonzero_tokens(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, seq_len: int, input_format: str,
+                    bin_num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of the stored values of CSR rows (columns unique within a row) and their flat positions
+    in a C-ordered (rows, seq_len) array: scattering them into zeros gives the cells' tokens. Positions
+    are int32 while they fit (half the memory traffic)."""
+    n = len(indptr) - 1
+    itype = np.int32 if n * seq_len < 2**31 else np.int64
+    positions = np.empty(int(indptr[-1] - indptr[0]), dtype=itype)
+    tokens = np.empty(len(positions), dtype=np.uint8)
+    base = indptr[0]
     start = 0
     while start < n:
         # rows [start, stop): at least one row, then as many as fit in _BLOCK_NNZ stored values
-        stop = max(start + 1, int(np.searchsorted(ptr, ptr[start] + _BLOCK_NNZ, side="right")) - 1)
+        stop = max(start + 1, int(np.searchsorted(indptr, indptr[start] + _BLOCK_NNZ, side="right")) - 1)
         stop = min(stop, n)
-        lo, hi = ptr[start], ptr[stop]
+        lo, hi = indptr[start], indptr[stop]
         if hi > lo:
-            local_ptr = ptr[start:stop + 1] - lo
-            token = _bin_values(X.data[lo:hi], local_ptr, input_format, bin_num)
-            # flat position of each stored value; int32 while it fits (half the memory traffic)
-            itype = np.int32 if stop * (g + 1) < 2**31 else np.int64
-            pos = np.repeat(np.arange(start * (g + 1), stop * (g + 1), g + 1, dtype=itype), np.diff(local_ptr))
-            pos += X.indices[lo:hi]
-            flat[pos] = token
+            local_ptr = indptr[start:stop + 1] - lo
+            tokens[lo - base:hi - base] = _bin_values(data[lo:hi], local_ptr, input_format, bin_num)
+            pos = positions[lo - base:hi - base]
+            pos[:] = np.repeat(np.arange(start * seq_len, stop * seq_len, seq_len, dtype=itype), np.diff(local_ptr))
+            pos += indices[lo:hi]
         start = stop
-    return out
+    return positions, tokens
 
 
 def _check_bin_num(bin_num: int) -> None:
@@ -750,6 +786,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.n_genes = len(panel) if self._panel_map is not None else adata.n_vars
         self.seq_len = self.n_genes + 1
         self._reader = _RowReader(adata)
+        self._unique_columns = self._columns_unique_per_row(adata)
         n = adata.n_obs
         self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices.ndim != 1 or (len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n)):
@@ -763,13 +800,29 @@ class TokenDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _columns_unique_per_row(self, adata: ad.AnnData) -> bool:
+        """Whether rows can be scattered as stored (no column twice in a row). In memory: checked on
+        the whole matrix once. Backed: checked on a sample of rows (files written by anndata/scanpy
+        are canonical); a file that fails is canonicalised batch by batch."""
+        if self._reader.X is not None:
+            return bool(self._reader.X.has_canonical_format)
+        if self._reader.kind != "csr":
+            return True  # dense rows: one value per column
+        return bool(_canonical_sample(adata))
+
+    def _nonzero_tokens(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flat positions, tokens) of the non-zero tokens of adata rows, in a (len(rows), seq_len) grid."""
+        data, indices, indptr = self._reader.read_arrays(rows)
+        if self._panel_map is not None or not self._unique_columns:
+            X = sp.csr_matrix((data, indices, indptr), shape=(len(rows), self._reader.shape[1]))
+            # a panel map sums duplicated genes itself and leaves each column once per row
+            X = self._panel_map.apply(X, self.input_format) if self._panel_map is not None else _canonical_csr(X)
+            data, indices, indptr = X.data, X.indices, X.indptr
+        return _nonzero_tokens(data, indices, indptr, self.seq_len, self.input_format, self.bin_num)
+
     def _tokens_into(self, rows: np.ndarray, out: np.ndarray) -> None:
-        X = self._reader.read(rows)
-        if self._panel_map is not None:
-            X = self._panel_map.apply(X, self.input_format)  # unique columns per row: no re-canonicalising
-        else:
-            X = _canonical_csr(X)
-        _tokenize_csr(X, self.input_format, self.bin_num, out=out)
+        positions, tokens = self._nonzero_tokens(rows)
+        out.reshape(-1)[positions] = tokens
 
     def tokens_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """uint8 (len(rows), seq_len) for adata rows, read and tokenised in one go."""
@@ -777,11 +830,16 @@ class TokenDataset(torch.utils.data.Dataset):
         self._tokens_into(np.asarray(rows, dtype=np.int64), out)
         return out
 
-    def get_batch(self, items: Sequence[int]) -> dict:
-        """Collated batch of dataset items: tokens uint8 (b, seq_len), index int64 (b,), label int64 (b,)."""
+    def get_batch(self, items: Sequence[int], compact: bool = False) -> dict:
+        """Collated batch of dataset items: tokens uint8 (b, seq_len), index int64 (b,), label int64 (b,).
+        compact=True: tokens as a `SparseTokens` (the non-zero tokens and their positions, ~1/3 of the
+        bytes for typical cells), which `token_loader` uses to pass batches out of worker processes."""
         rows = self.indices[np.asarray(items, dtype=np.int64).reshape(-1)]
-        tokens, view = _token_buffer(len(rows), self.seq_len)
-        self._tokens_into(rows, view)
+        if compact:
+            tokens = SparseTokens(len(rows), self.seq_len, *self._nonzero_tokens(rows))
+        else:
+            tokens, view = _token_buffer(len(rows), self.seq_len)
+            self._tokens_into(rows, view)
         batch = {"tokens": tokens, "index": torch.from_numpy(rows.copy())}
         if self.labels is not None:
             batch["label"] = torch.from_numpy(self.labels[rows])
@@ -809,22 +867,64 @@ class TokenDataset(torch.utils.data.Dataset):
         return out
 
 
+class SparseTokens:
+    """A batch of token rows held as its non-zero tokens and their flat positions; `dense()` -> uint8
+    tensor (rows, seq_len)."""
+
+    def __init__(self, rows: int, seq_len: int, positions: np.ndarray, tokens: np.ndarray):
+        self.shape = (rows, seq_len)
+        self.positions, self.tokens = positions, tokens
+
+    def dense(self) -> torch.Tensor:
+        # numpy, not torch.zeros: torch fills with its intra-op thread pool, which on a busy machine
+        # costs tens of times more than the calloc'd pages numpy gets from the OS
+        out = np.zeros(self.shape, dtype=np.uint8)
+        out.reshape(-1)[self.positions] = self.tokens
+        return torch.from_numpy(out)
+
+
+class _CompactBatches(torch.utils.data.Dataset):
+    """TokenDataset seen through a BatchSampler: inside a worker process, batches carry SparseTokens,
+    which the loader densifies in the main process (cheaper than shipping dense rows between
+    processes, most of which are zeros)."""
+
+    def __init__(self, dataset: TokenDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, items):
+        return self.dataset.get_batch(items, compact=torch.utils.data.get_worker_info() is not None)
+
+
+class _TokenLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose batches always hold dense token tensors (see _CompactBatches)."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch.get("tokens"), SparseTokens):
+                batch["tokens"] = batch["tokens"].dense()
+            yield batch
+
+
 def token_loader(dataset: TokenDataset, batch_size: int, shuffle: bool = False,
-                 sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False,
+                 sampler: torch.utils.data.Sampler | Sequence[int] | None = None, drop_last: bool = False,
                  num_workers: int = 0, generator: torch.Generator | None = None,
                  **loader_kwargs) -> torch.utils.data.DataLoader:
     """DataLoader that tokenises a whole batch per call (no per-cell objects, no re-stacking).
 
     Batches are dicts: tokens uint8 (b, seq_len), index int64 (b,), label int64 (b,) if labels.
-    `sampler` (e.g. a DistributedSampler; call its set_epoch as usual) picks the items; otherwise
-    `shuffle` chooses a RandomSampler (seeded by `generator`) or the dataset order.
+    `sampler` (e.g. a DistributedSampler; call its set_epoch as usual, or a list of items) picks the
+    items; otherwise `shuffle` chooses a RandomSampler (seeded by `generator`) or the dataset order.
+    Worker processes send only the non-zero tokens; the dense batch is built in the main process.
     """
     if sampler is None:
         sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
                    else torch.utils.data.SequentialSampler(dataset))
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
-    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                                       **loader_kwargs)
+    return _TokenLoader(_CompactBatches(dataset), sampler=batches, batch_size=None, num_workers=num_workers,
+                        **loader_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -161,8 +161,11 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_siz
             show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (cells, classes) and 128-d cell embeddings (cells, 128), float32, in
     dataset order, batched."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    if isinstance(dataset, utils.TokenDataset):  # whole batches tokenised at once; workers send sparse tokens
+        loader = utils.token_loader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             pin_memory=device.type == "cuda")
     model.eval()
     probs, embeddings = [], []
     for batch in utils.progress(loader, show_progress, desc="annotating", total=len(loader)):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_utils import InputError
+from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
 
 # --------------------------------------------------------------------------------------------------
@@ -526,8 +526,11 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistCon
         sampler.set_epoch(epoch)
     else:
         sampler = list(range(ctx.rank, len(dataset), ctx.world_size))
+    pin = ctx.device.type == "cuda"
+    if isinstance(dataset, TokenDataset):  # whole batches tokenised at once; workers send sparse tokens
+        return token_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       persistent_workers=False, pin_memory=ctx.device.type == "cuda")
+                                       pin_memory=pin)
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

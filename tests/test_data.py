@@ -421,6 +421,32 @@ def test_backed_dataset_matches_memory(tmp_path):
     assert du.data_fingerprint(backed) == du.data_fingerprint(a)
 
 
+def test_backed_file_with_a_gene_stored_twice_in_a_row(tmp_path):
+    """A hand-made CSR file may store a column twice in a row: its values are summed (as scipy and
+    `tokenize` do), in the main process and in workers, never scattered over each other."""
+    a = toy_counts(30, 12, seed=5)
+    X = sp.csr_matrix(a.X)
+    data, indices, indptr = list(X.data), list(X.indices), X.indptr.copy()
+    # row 3: its first stored gene once more, with a count large enough to change its bin
+    at = indptr[3]
+    data.insert(at, 50.0)
+    indices.insert(at, indices[at])
+    indptr[4:] += 1
+    dup = ad.AnnData(sp.csr_matrix((np.array(data, np.float32), np.array(indices, np.int32), indptr), shape=X.shape),
+                     obs=a.obs, var=a.var)
+    assert not dup.X.has_canonical_format
+    path = tmp_path / "dup.h5ad"
+    dup.write_h5ad(path)
+    expected = du.tokenize(dup)  # sums the duplicate
+    summed = X.copy().toarray()
+    summed[3, X.indices[X.indptr[3]]] += 50
+    np.testing.assert_array_equal(expected, du.tokenize(make_adata(summed)))
+    ds = du.TokenDataset(du.read_dataset(path, backed=True))
+    for workers in (0, 2):
+        batches = list(du.token_loader(ds, 7, num_workers=workers))
+        np.testing.assert_array_equal(torch.cat([b["tokens"] for b in batches]).numpy(), expected)
+
+
 def test_backed_dense_and_csc(tmp_path):
     a = toy_counts(30, 12, seed=5)
     dense = ad.AnnData(X=a.X.toarray(), obs=a.obs, var=a.var)
