@@ -231,12 +231,26 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _workers(device: torch.device) -> int:
-    """Threads a pass spreads its chunks over (see `_run_groups`)."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+# Below this many positions (batch x sequence) a pass runs on the calling thread and torch's intra-op
+# threads share each matmul instead: with few chunks per thread, chunk threads scaled poorly (2,049
+# positions, 2 cores: 0.20 s per cell against 0.25-0.30 s with chunk threads; 16,907: 2.0 s against 1.3 s).
+_THREAD_MIN_ROWS = 4096
 
 
-def _chunks(n: int, chunk: int, batch: int = 1, workers: int = 1) -> list[slice]:
+def _workers(device: torch.device, rows: int) -> int:
+    """Threads a pass over `rows` positions spreads its chunks over (see `_run_groups`)."""
+    if device.type != "cpu" or rows < _THREAD_MIN_ROWS:
+        return 1
+    return torch.get_num_threads()
+
+
+class _ChunkList(list):
+    """The slices of a pass, and how many threads run them."""
+
+    workers = 1
+
+
+def _chunks(n: int, chunk: int, batch: int = 1, workers: int = 1) -> _ChunkList:
     """Near-equal slices of the sequence of about `chunk` rows over the batch (down to 64 positions
     for large batches), so temporaries stay cache-sized; their number a multiple of the worker
     threads when there are enough rows, so the threads finish together; no 1-row tail (compiled
@@ -249,7 +263,15 @@ def _chunks(n: int, chunk: int, batch: int = 1, workers: int = 1) -> list[slice]
     bounds = [0]
     for i in range(count):
         bounds.append(bounds[-1] + base + (i < extra))
-    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    out = _ChunkList(slice(start, stop) for start, stop in zip(bounds, bounds[1:]))
+    out.workers = workers
+    return out
+
+
+def _plan(x: torch.Tensor, chunk: int) -> _ChunkList:
+    """The chunks of a (b, n, ...) input, for as many threads as its size warrants."""
+    b, n = x.shape[0], x.shape[1]
+    return _chunks(n, chunk, b, _workers(x.device, b * n))
 
 
 _worker_pools: dict[tuple[int, int], Any] = {}
@@ -257,14 +279,15 @@ _worker_pools: dict[tuple[int, int], Any] = {}
 
 def _run_groups(fn, chunks: list[slice], device: torch.device) -> list:
     """Runs a pass over the chunks: fn(group) consumes an iterable of (index, rows) pairs and returns
-    its partial result; -> the partial results, in group order. On a CPU with several intra-op
-    threads, each thread runs fn single-threaded on a fixed share of the chunks (every k-th), so
+    its partial result; -> the partial results, in group order. When the plan has several workers
+    (long inputs on a CPU with several intra-op threads, see `_workers`), each thread runs fn
+    single-threaded on a fixed share of the chunks (every k-th), so
     there is no fork/join per operation: with per-op parallelism every small matmul is a barrier,
     and on a shared machine a descheduled OpenMP worker stalls each of them (a step became 10-30x
     slower under load). The shares are fixed, not first come first served, so sums are added in
     the same order on every run: results are bitwise reproducible for a given thread count. Grad
     and inference mode are thread-local: the workers take the caller's."""
-    count = min(_workers(device), len(chunks))
+    count = min(getattr(chunks, "workers", 1), len(chunks))
     if count < 2:
         return [fn(list(enumerate(chunks)))]
     key = (os.getpid(), count)  # a forked child inherits the pool object but not its threads
@@ -480,7 +503,7 @@ class _FavorFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, chunk):
-        ctx.chunks = _chunks(q.shape[1], chunk, q.shape[0], _workers(q.device))  # the backward's must match
+        ctx.chunks = _plan(q, chunk)  # the backward's must match
         out, state = _favor_forward(q, k, v, w, ctx.chunks, keep_state=True)
         ctx.save_for_backward(q, k, v, w, out, *state)
         return out
@@ -532,7 +555,7 @@ def favor_attention_fast(
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return _FavorFunction.apply(q, k, v, w, chunk)
-        return _favor_forward(q, k, v, w, _chunks(q.shape[1], chunk, q.shape[0], _workers(q.device)), False)[0]
+        return _favor_forward(q, k, v, w, _plan(q, chunk), False)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -900,7 +923,7 @@ class _FusedLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projection, dtype, chunk, *params):
         weights = _fused_layer_weights(params, projection, dtype)
-        ctx.chunks = _chunks(x.shape[1], chunk, x.shape[0], _workers(x.device))  # the backward's must match
+        ctx.chunks = _plan(x, chunk)  # the backward's must match
         y, state = _fused_layer_forward(x, weights, ctx.chunks, keep=True)
         ctx.save_for_backward(x, projection, *(p for p in params if isinstance(p, torch.Tensor)), *state)
         ctx.eps = (params[2], params[10])
@@ -951,7 +974,7 @@ def fused_layer(attn: nn.Module, ff: nn.Module, x: torch.Tensor) -> torch.Tensor
         tensors = [x] + [p for p in params if isinstance(p, torch.Tensor)]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _FusedLayerFunction.apply(x, projection, dtype, chunk, *params)
-        chunks = _chunks(x.shape[1], chunk, x.shape[0], _workers(x.device))
+        chunks = _plan(x, chunk)
         return _fused_layer_forward(x, _fused_layer_weights(params, projection, dtype), chunks, keep=False)[0]
 
 

@@ -53,9 +53,10 @@ def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_n
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
     """The tests run with one OpenMP thread (conftest); the fast path spreads chunks over worker
-    threads only when torch has several."""
+    threads only when torch has several, and only for long inputs (here: any)."""
+    monkeypatch.setattr(model, "_THREAD_MIN_ROWS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -155,6 +156,13 @@ def test_frozen_layers_build_no_graph_and_trainable_layers_get_module_path_gradi
         p.requires_grad_(False)
     x = torch.randn(1, config.seq_len, config.dim, dtype=torch.float64)
     assert model.fused_layer(*net.performer.net.layers[1], x).grad_fn is None
+
+
+def test_short_inputs_run_on_the_calling_thread(monkeypatch, two_threads):
+    monkeypatch.setattr(model, "_THREAD_MIN_ROWS", 4096)
+    x = torch.zeros(1, 2049, 4)
+    assert model._plan(x, 1024).workers == 1 and model._plan(torch.zeros(2, 2049, 4), 1024).workers == 2
+    assert model._plan(torch.zeros(1, 16907, 4), 1024).workers == 2
 
 
 def test_chunks_cover_the_sequence_without_a_tiny_tail():
