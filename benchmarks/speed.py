@@ -16,10 +16,13 @@ default allocator and environment, torch's default threads. Configurations:
   peer106-compiled-bf16, peer114-compiled-bf16   torch.compile(model) + autocast bf16
   ours-default    as the scripts ship it: fast path (fused chunked layers), bf16 autocast where the
                   CPU has bf16 matmuls (fp32 otherwise), chunk steps torch.compile'd automatically
-                  for sequences >= 2,048, default allocator
-  ours-best       ours-default with glibc's large-block mmap off (MALLOC_MMAP_MAX_=0,
-                  MALLOC_TRIM_THRESHOLD_=-1), the allocator setting that halved the peer's fp32 time;
-                  no other setting we tried (chunk 512 / 2,048 / 4,096) was faster
+                  for sequences >= 2,048, glibc told to reuse freed memory (train_utils.
+                  reuse_freed_memory, which every script calls at start)
+  ours-best       the same allocator setting through the environment (MALLOC_MMAP_MAX_=0,
+                  MALLOC_TRIM_THRESHOLD_=-1, the setting that halved the peer's fp32 time); no other
+                  setting we tried (chunk 512 / 2,048 / 4,096) was faster
+  ours-default-malloc  ours-default with glibc's default allocator (SCBERT_MALLOC=default): what the
+                  allocator setting is worth
   ours-fp32       the fast path without autocast (the precision reference for the bf16 rows)
 Tasks: "infer" (MLM logits, no grad; batch 1 and --batches), "train" (one pretraining step: MLM
 cross-entropy on 15% of the expressed genes replaced by [MASK], backward, Adam over every parameter
@@ -62,6 +65,7 @@ CONFIGS = {
     "peer114-compiled-bf16": dict(impl="peer", version="1.1.4", precision="bf16", compile=True),
     "ours-default": dict(impl="ours", precision="auto", env={}),
     "ours-best": dict(impl="ours", precision="auto", env={"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "-1"}),
+    "ours-default-malloc": dict(impl="ours", precision="auto", env={"SCBERT_MALLOC": "default"}),
     "ours-fp32": dict(impl="ours", precision="fp32", env={}),
 }
 QUICK_CONFIGS = ["peer106-fp32", "peer106-compiled-bf16", "ours-default"]
@@ -129,6 +133,9 @@ def build_model(spec: dict, genes: int, weights: str):
     if spec["impl"] == "ours":
         sys.path.insert(0, str(ROOT))
         import model as ours
+        from train_utils import reuse_freed_memory
+
+        reuse_freed_memory()  # as run_main does in every script
 
         net = ours.PerformerLM(ours.get_config("scbert", gene_num=genes))
         net.load_state_dict(state)
