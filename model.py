@@ -468,22 +468,29 @@ def _empty_key_sums(b: int, h: int, m: int, d: int, acc: torch.dtype, device):
             torch.zeros(b, h, m, dtype=acc, device=device), torch.zeros(b, h, d, dtype=acc, device=device))
 
 
+def _key_pass(step, chunk_inputs, chunks: list[slice], sizes: tuple[int, int, int, int], acc: torch.dtype, device):
+    """Runs a key step (its leading arguments chunk_inputs(rows), then the running sums) over the
+    chunks on the plan's threads; sizes = (b, h, m, d) -> the merged (max, context, k_sum, v_sum,
+    chunk maxima), without the eps terms."""
+
+    def keys(group):
+        run_max, context, k_sum, v_sum = _empty_key_sums(*sizes, acc, device)
+        maxima = {}
+        for index, rows in group:
+            run_max, maxima[index], context, k_sum, v_sum = step(*chunk_inputs(rows), run_max, context, k_sum, v_sum)
+        return run_max, context, k_sum, v_sum, maxima
+
+    return _merge_key_sums(_run_groups(keys, chunks, device))
+
+
 def _favor_forward(q, k, v, w, chunks: list[slice], keep_state: bool):
     """q, k, v (b, n, h, d) of any strides; w (m, d) = c W in their dtype; chunks from `_chunks`
     -> (out (b, n, h, d), state)."""
     b, n, h, d = q.shape
     acc = _accumulation_dtype(q.dtype)
     key_step, query_step = _chunk_step(_attention_keys_step, n), _chunk_step(_attention_queries_step, n)
-
-    def keys(group):
-        run_max, context, k_sum, v_sum = _empty_key_sums(b, h, w.shape[0], d, acc, q.device)
-        maxima = {}
-        for index, rows in group:
-            run_max, maxima[index], context, k_sum, v_sum = key_step(k[:, rows], v[:, rows], w, run_max, context,
-                                                                     k_sum, v_sum)
-        return run_max, context, k_sum, v_sum, maxima
-
-    key_max, context, k_sum, v_sum, maxima = _merge_key_sums(_run_groups(keys, chunks, q.device))
+    key_max, context, k_sum, v_sum, maxima = _key_pass(key_step, lambda rows: (k[:, rows], v[:, rows], w), chunks,
+                                                       (b, h, w.shape[0], d), acc, q.device)
     context, k_sum, eps_v, eps_s = _finish_key_sums(context, k_sum, v_sum, n)
     context_lp = context.to(q.dtype)
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
@@ -820,16 +827,8 @@ def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
     h = w_q.shape[0] // d
     acc = _accumulation_dtype(w.dtype)
     key_step, query_step = _chunk_step(_layer_keys_step, n), _chunk_step(_layer_queries_step, n)
-
-    def keys(group):
-        run_max, context, k_sum, v_sum = _empty_key_sums(b, h, w.shape[0], d, acc, x.device)
-        maxima = {}
-        for index, rows in group:
-            run_max, maxima[index], context, k_sum, v_sum = key_step(x[:, rows], norm1, w_kv, w, run_max, context,
-                                                                     k_sum, v_sum)
-        return run_max, context, k_sum, v_sum, maxima
-
-    key_max, context, k_sum, v_sum, maxima = _merge_key_sums(_run_groups(keys, chunks, x.device))
+    key_max, context, k_sum, v_sum, maxima = _key_pass(key_step, lambda rows: (x[:, rows], norm1, w_kv, w), chunks,
+                                                       (b, h, w.shape[0], d), acc, x.device)
     context, k_sum, eps_v, eps_s = _finish_key_sums(context, k_sum, v_sum, n)
     context_lp = context.to(w.dtype)
     y = torch.empty_like(x)
