@@ -159,20 +159,46 @@ def set_trainable(model: PerformerLM, unfreeze: str) -> str:
 
 
 @torch.no_grad()
-def predict(model, dataset, batch_size: int, ctx, precision, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, true class) for every cell of the dataset, gathered from all ranks."""
+def predict(model, dataset, batch_size: int, ctx, precision, num_workers: int,
+            head_input: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, true class) for every cell of the dataset, gathered from all ranks.
+    head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank)."""
     was_training = model.training
     model.eval()
     loader = utils.make_loader(dataset, batch_size, ctx, shuffle=False, seed=0, epoch=0,
                                num_workers=num_workers, pad=False)
+    counts = [0.0, 0.0]
+
+    def count(module, inputs, out):
+        counts[0] += float((out > 0).sum())
+        counts[1] += out.numel()
+
+    hook = model.to_out.act.register_forward_hook(count)
     preds, truth = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for batch in loader:
-        with precision.autocast():
-            logits = model(batch["tokens"].to(ctx.device, torch.long))
-        preds.append(logits.argmax(-1).cpu().numpy())
-        truth.append(batch["label"].numpy())
+    try:
+        for batch in loader:
+            with precision.autocast():
+                logits = model(batch["tokens"].to(ctx.device, torch.long))
+            preds.append(logits.argmax(-1).cpu().numpy())
+            truth.append(batch["label"].numpy())
+    finally:
+        hook.remove()
     model.train(was_training)
+    if head_input is not None:
+        head_input[:] = counts
     return utils.gather_arrays(np.concatenate(preds), ctx), utils.gather_arrays(np.concatenate(truth), ctx)
+
+
+def warn_if_head_is_dead(head_input: list[float], ctx, log) -> None:
+    """The published head scores each gene (a dim -> 1 projection), then a ReLU. If training drives
+    every score below 0, the ReLU passes only zeros, no gradient reaches the layers below and the
+    model predicts one class for ever (seen at --learning_rate 1e-3, with and without
+    --class_weights). Say so while the user can still stop the run."""
+    passed, seen = utils.all_reduce_sum(head_input, ctx)
+    if seen > 0 and passed == 0:
+        log("warning: the classifier head's per-gene scores are <= 0 for every gene of every validation cell "
+            "(its ReLU passes nothing), so the model can no longer learn; restart with a lower "
+            "--learning_rate (the published 1e-4) or a longer --warmup")
 
 
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -250,7 +276,9 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         totals = utils.all_reduce_sum(totals, ctx)
-        valid = scores(*predict(model, valid_set, args.batch_size, ctx, precision, args.num_workers))
+        head_input: list[float] = []
+        valid = scores(*predict(model, valid_set, args.batch_size, ctx, precision, args.num_workers, head_input))
+        warn_if_head_is_dead(head_input, ctx, log)
         improved = valid["macro_f1"] > best
         best, bad_epochs = (valid["macro_f1"], 0) if improved else (best, bad_epochs + 1)
         row = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],

@@ -147,3 +147,27 @@ def test_warm_restart_schedule_matches_published_shape():
     assert lrs[14] < lrs[10] < lrs[5]  # cosine decay in the first 15-epoch cycle
     assert lrs[15] == pytest.approx(1e-6) and lrs[20] == pytest.approx(0.9e-4)  # restart, peak x0.9
     assert lrs[40] == pytest.approx(1e-6) and lrs[45] == pytest.approx(0.81e-4)  # second cycle: 25 epochs
+
+
+def test_a_dead_classifier_head_is_reported(default_subset):
+    """The published head's ReLU after its per-gene scores: when every score is <= 0 the model can
+    no longer learn (seen at lr 1e-3); fine-tuning says so, and stays quiet for a live head."""
+    import utils
+
+    adata = utils.read_dataset(str(default_subset))
+    tokens_set = utils.TokenDataset(adata, labels=np.zeros(adata.n_obs, dtype=np.int64))
+    net = PerformerLM(get_config("tiny", gene_num=adata.n_vars, pos_embed="none")).attach_classifier(3)
+    ctx = utils.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    precision = utils.Precision("none", ctx.device)
+    messages = []
+    for bias, dead in ((5.0, False), (-5.0, True)):
+        with torch.no_grad():
+            net.to_out.conv1.weight.zero_()
+            net.to_out.conv1.bias.fill_(bias)
+        head_input = []
+        finetune.predict(net, tokens_set, 16, ctx, precision, 0, head_input)
+        assert head_input[1] == adata.n_obs * (adata.n_vars + 1)
+        assert (head_input[0] == 0) == dead
+        messages.clear()
+        finetune.warn_if_head_is_dead(head_input, ctx, messages.append)
+        assert bool(messages) == dead and (not dead or "--learning_rate" in messages[0])
