@@ -277,7 +277,7 @@ def _plan(x: torch.Tensor, chunk: int) -> _ChunkList:
 _worker_pools: dict[tuple[int, int], Any] = {}
 
 
-def _run_groups(fn, chunks: list[slice], device: torch.device) -> list:
+def _run_groups(fn, chunks: list[slice]) -> list:
     """Runs a pass over the chunks: fn(group) consumes an iterable of (index, rows) pairs and returns
     its partial result; -> the partial results, in group order. When the plan has several workers
     (long inputs on a CPU with several intra-op threads, see `_workers`), each thread runs fn
@@ -480,7 +480,7 @@ def _key_pass(step, chunk_inputs, chunks: list[slice], sizes: tuple[int, int, in
             run_max, maxima[index], context, k_sum, v_sum = step(*chunk_inputs(rows), run_max, context, k_sum, v_sum)
         return run_max, context, k_sum, v_sum, maxima
 
-    return _merge_key_sums(_run_groups(keys, chunks, device))
+    return _merge_key_sums(_run_groups(keys, chunks))
 
 
 def _favor_forward(q, k, v, w, chunks: list[slice], keep_state: bool):
@@ -500,7 +500,7 @@ def _favor_forward(q, k, v, w, chunks: list[slice], keep_state: bool):
         for _, rows in group:
             out[:, rows], den[:, :, rows] = query_step(q[:, rows], w, context_lp, k_sum, eps_v, eps_s)
 
-    _run_groups(queries, chunks, q.device)
+    _run_groups(queries, chunks)
     state = (context, k_sum, v_sum, key_max, den, maxima) if keep_state else ()
     return out, state
 
@@ -533,7 +533,7 @@ class _FavorFunction(torch.autograd.Function):
                 d_context, d_k_sum = d_context + d_c, d_k_sum + d_s
             return d_context, d_k_sum
 
-        d_context, d_k_sum = _sum_parts(_run_groups(queries, chunks, q.device))
+        d_context, d_k_sum = _sum_parts(_run_groups(queries, chunks))
         d_max = _key_max_gradient(d_context, d_k_sum, context, k_sum, v_sum, n)
         d_context_lp, d_eps_v = d_context.to(q.dtype), KERNEL_EPS * d_context.sum(2)
         key_step = _chunk_step(_attention_keys_grad_step, n)
@@ -542,7 +542,7 @@ class _FavorFunction(torch.autograd.Function):
             for _, rows in group:
                 dk[:, rows], dv[:, rows] = key_step(k[:, rows], v[:, rows], w, key_max, d_context_lp, d_k_sum, d_eps_v)
 
-        _run_groups(keys, chunks, q.device)
+        _run_groups(keys, chunks)
         cell_keys = lambda cell, rows: k[cell : cell + 1, rows].transpose(1, 2)  # noqa: E731
         for cell, hits in enumerate(_key_max_hits(cell_keys, w, key_max, chunk_maxima, chunks)):
             for position, head, feature in hits:
@@ -843,7 +843,7 @@ def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
             if keep:
                 x_att[:, rows], out[:, rows] = x_att_c, out_c
 
-    _run_groups(queries, chunks, x.device)
+    _run_groups(queries, chunks)
     if not keep:
         return y, None
     return y, (x_att, out, den, context, k_sum, v_sum, key_max, maxima)
@@ -873,7 +873,7 @@ def _fused_layer_backward(dy, x, weights, chunks: list[slice], state):
             d_context, d_k_sum = d_context + d_c, d_k_sum + d_s
         return grads, d_context, d_k_sum
 
-    grads, d_context, d_k_sum = _sum_parts(_run_groups(queries, chunks, x.device))
+    grads, d_context, d_k_sum = _sum_parts(_run_groups(queries, chunks))
     g_w2, g_b2, g_w1, g_b1, g_n2w, g_n2b, g_wo, g_bo, g_wq = grads
     d_max = _key_max_gradient(d_context, d_k_sum, context, k_sum, v_sum, n)
     d_context_lp, d_eps_v = d_context.to(w.dtype), KERNEL_EPS * d_context.sum(2)
@@ -901,7 +901,7 @@ def _fused_layer_backward(dy, x, weights, chunks: list[slice], state):
                                           d_context_lp, d_k_sum, d_eps_v, grads)
         return grads
 
-    grads = _sum_parts(_run_groups(keys, chunks, x.device))
+    grads = _sum_parts(_run_groups(keys, chunks))
     g_wkv, g_n1w, g_n1b = grads
     for head, g in extra_wk:
         g_wkv[head * d : (head + 1) * d] += g
