@@ -309,11 +309,6 @@ class _RowReader:
             self._file = None
 
 
-def _canonical_sample(adata: ad.AnnData) -> bool:
-    """Whether a sample of rows (as format detection reads them) has sorted, distinct columns."""
-    return bool(sp.csr_matrix(_sample_rows(adata)).has_canonical_format)
-
-
 def _sample_rows(adata: ad.AnnData, max_rows: int = _ROW_SAMPLE) -> sp.csr_matrix:
     n = adata.n_obs
     rows = np.arange(n) if n <= max_rows else np.unique(np.linspace(0, n - 1, max_rows).astype(np.int64))
@@ -808,7 +803,7 @@ class TokenDataset(torch.utils.data.Dataset):
             return bool(self._reader.X.has_canonical_format)
         if self._reader.kind != "csr":
             return True  # dense rows: one value per column
-        return bool(_canonical_sample(adata))
+        return bool(sp.csr_matrix(_sample_rows(adata)).has_canonical_format)  # the rows format detection reads
 
     def _nonzero_tokens(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(flat positions, tokens) of the non-zero tokens of adata rows, in a (len(rows), seq_len) grid."""
