@@ -12,7 +12,8 @@ Everything runs through the command-line scripts, exactly as a user would run th
 
 The seed fixes finetune.py's stratified train/valid/test split, so for one seed both fine-tuned models
 and the logistic regression (trained by evaluate.py --baseline on the checkpoint's training cells) are
-scored on the same test cells. Pretraining uses every cell of the dataset without labels (test cells
+scored on the same test cells. Extra flags (--pretrain_args, --finetune_args) are appended to the folder
+names (finetune_eF_learning_rate_3e-4_...), so runs with other settings are never mixed. Pretraining uses every cell of the dataset without labels (test cells
 included), as a model pretrained on an atlas would have seen similar cells. Finished runs are kept
 (OUT/.../eval/metrics.json) and skipped on a re-run; --force redoes them.
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -64,6 +66,13 @@ def script(name: str) -> list[str]:
 def data_flags(path: Path | None, label_key: str | None = None) -> list[str]:
     flags = [] if path is None else ["--data_path", str(path)]
     return flags + ([] if label_key is None else ["--label_key", label_key])
+
+
+def slug(extra_args: str) -> str:
+    """Folder-name suffix for extra script flags, so runs with other settings never reuse each other:
+    '--learning_rate 3e-4 --warmup 0' -> '_learning_rate_3e-4_warmup_0'."""
+    words = [re.sub(r"[^A-Za-z0-9.+-]+", "_", w.lstrip("-")).strip("_") for w in shlex.split(extra_args)]
+    return "".join(f"_{w}" for w in words if w)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -107,8 +116,10 @@ def main() -> None:
         if path is not None and not path.is_file():
             print(f"skipping {name}: {path} is absent")
             continue
-        base = out / name  # the epochs are part of the folder names, so a re-run never reuses other settings
-        pretrained = base / f"pretrain_e{args.pretrain_epochs}" / "pretrain.pth"
+        # the epochs and extra flags are part of the folder names, so a re-run never reuses other settings
+        base = out / name
+        pretrain_name = f"pretrain_e{args.pretrain_epochs}{slug(args.pretrain_args)}"
+        pretrained = base / pretrain_name / "pretrain.pth"
         if "pretrained" in methods and (args.force or not pretrained.is_file()):
             run(script("pretrain.py") + data_flags(path) + extra +
                 ["--model", "small", "--ckpt_dir", str(pretrained.parent), "--epoch", str(args.pretrain_epochs),
@@ -121,8 +132,8 @@ def main() -> None:
             }
             test_sets = []
             for method, start_flags in runs.items():
-                folder = (base / f"finetune_e{args.finetune_epochs}" / f"seed_{seed}" /
-                          (f"pretrained_e{args.pretrain_epochs}" if "pretrained" in method else "scratch"))
+                folder = (base / f"finetune_e{args.finetune_epochs}{slug(args.finetune_args)}" / f"seed_{seed}" /
+                          (pretrain_name.replace("pretrain_", "pretrained_") if "pretrained" in method else "scratch"))
                 metrics_path = folder / "eval" / "metrics.json"
                 wanted = ("pretrained" if "pretrained" in method else "scratch") in methods
                 if not wanted and not metrics_path.is_file():
