@@ -175,18 +175,34 @@ def favor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # sums in float32; matmuls run in the input dtype with d (not d + 1) columns, which the CPU kernels
 # handle much faster.
 
-_FAST_COMPILE = "auto"  # "auto" | "on" | "off": torch.compile the per-chunk steps (set_fast_compile)
-_COMPILE_MIN_LEN = 2048  # "auto" compiles for sequences at least this long
+_COMPILE_MODES = ("auto", "on", "off")
+# "auto" compiles for sequences at least this long. Shorter ones gain less than the compilation costs
+# in a typical run: on PBMC3k's 2,001 positions a fine-tuning epoch is 1.15x faster compiled once the
+# kernels are cached, but a fresh machine's first run is slower (benchmarks/compile_speed.py)
+_COMPILE_MIN_LEN = 2048
 _compiled_steps: dict[Any, Any] = {}
 
 
+def _compile_mode_from_env() -> str:
+    mode = os.environ.get("SCBERT_COMPILE", "auto").strip().lower() or "auto"
+    if mode not in _COMPILE_MODES:
+        warnings.warn(f"SCBERT_COMPILE={mode!r} is not one of {', '.join(_COMPILE_MODES)}; using 'auto'",
+                      RuntimeWarning)
+        return "auto"
+    return mode
+
+
+_FAST_COMPILE = _compile_mode_from_env()  # torch.compile the per-chunk steps? (set_fast_compile)
+
+
 def set_fast_compile(mode: str) -> None:
-    """Whether the fast path runs its per-chunk steps through torch.compile: "auto" (default) for
-    sequences of >= 2048 positions (the first call compiles, about a minute on two cores; inductor
-    caches the kernels on disk for later processes), "on" always, "off" never. A compilation
-    failure (e.g. no C++ compiler) falls back to the eager steps with a warning."""
+    """Whether the fast path runs its per-chunk steps through torch.compile: "auto" (the default, or
+    the environment variable SCBERT_COMPILE) for sequences of >= 2048 positions, "on" always, "off"
+    never. The first call in a fresh environment compiles (20-60 s on two cores); inductor caches the
+    kernels on disk, so later processes start in a few seconds. A compilation failure (e.g. no C++
+    compiler) falls back to the eager steps with a warning."""
     global _FAST_COMPILE
-    if mode not in ("auto", "on", "off"):
+    if mode not in _COMPILE_MODES:
         raise ValueError(f"fast compile mode must be 'auto', 'on' or 'off', got {mode!r}")
     _FAST_COMPILE = mode
 

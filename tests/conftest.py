@@ -2,12 +2,15 @@
 
 One thread per process: the models in the tests are small, and several test processes (torchrun
 ranks, killed-and-resumed runs) may share the cores; OpenMP thread pools that outnumber the cores
-slow small kernels down many-fold."""
+slow small kernels down many-fold. No torch.compile (see below)."""
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; inherited by subprocesses
+# no torch.compile in the tests (a cold compilation per shape would dominate them); the eager steps are
+# what the equality tests check, and test_compiled_steps_equal_eager_steps compares the two on request
+os.environ.setdefault("SCBERT_COMPILE", "off")
 
 import pytest  # noqa: E402
 

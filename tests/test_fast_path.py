@@ -233,3 +233,19 @@ def test_compiled_steps_equal_eager_steps(monkeypatch):
     assert torch.allclose(compiled_out, eager_out, atol=1e-5)
     for name in eager:
         assert torch.allclose(compiled[name], eager[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("value, expected", [("on", "on"), ("OFF", "off"), ("", "auto"), ("fast", "auto")])
+def test_compile_mode_comes_from_the_environment(value, expected):
+    import subprocess
+    import sys
+
+    code = "import model; print(model._FAST_COMPILE)"
+    if expected == "auto" and value:  # an unknown value warns and keeps the default
+        code = ("import warnings\nwith warnings.catch_warnings(record=True) as w:\n"
+                "    warnings.simplefilter('always'); import model\n"
+                "assert any('SCBERT_COMPILE' in str(x.message) for x in w)\nprint(model._FAST_COMPILE)")
+    env = {**os.environ, "SCBERT_COMPILE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(os.path.abspath(model.__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == expected
