@@ -13,8 +13,9 @@ Everything runs through the command-line scripts, exactly as a user would run th
 The seed fixes finetune.py's stratified train/valid/test split, so for one seed both fine-tuned models
 and the logistic regression (trained by evaluate.py --baseline on the checkpoint's training cells) are
 scored on the same test cells. Extra flags (--pretrain_args, --finetune_args) are appended to the folder
-names (finetune_eF_learning_rate_3e-4_...), so runs with other settings are never mixed. Pretraining uses every cell of the dataset without labels (test cells
-included), as a model pretrained on an atlas would have seen similar cells. Finished runs are kept
+names (finetune_eF_learning_rate_3e-4_...), so runs with other settings are never mixed. Pretraining
+uses every cell of the dataset without labels (test cells included), as a model pretrained on an atlas
+would have seen similar cells. Finished runs are kept
 (OUT/.../eval/metrics.json) and skipped on a re-run; --force redoes them.
 
 Writes benchmarks/results_accuracy.md (mean ± sd over seeds) and benchmarks/out/accuracy/runs.csv.
