@@ -46,18 +46,21 @@ DATASETS = {
 }
 
 
-def run(cmd: list[str], log_path: Path) -> None:
-    """Runs one script, its output to a log file; a failure stops the benchmark with the log's tail."""
+def run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> float:
+    """Runs one script (extra environment variables in env), its output to a log file; a failure stops
+    the benchmark with the log's tail. Returns the wall seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"$ {' '.join(cmd)}", flush=True)
     with open(log_path, "w") as log:
         result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    print(f"  {time.time() - started:.0f} s -> {log_path}", flush=True)
+                                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    seconds = time.time() - started
+    print(f"  {seconds:.0f} s -> {log_path}", flush=True)
     if result.returncode != 0:
         tail = log_path.read_text().splitlines()[-15:]
         raise SystemExit(f"failed (exit {result.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+    return seconds
 
 
 def script(name: str) -> list[str]:

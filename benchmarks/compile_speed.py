@@ -5,8 +5,9 @@ Runs the scripts exactly as a user would, each configuration in its own process,
 setting of model.py chosen by the environment (SCBERT_COMPILE=off: eager steps; on: compiled):
 
 1. pretrain.py on the default data (pbmc68k_reduced, 766 positions), --epoch E;
-2. finetune.py from that checkpoint on PBMC3k (../shared/data/pbmc3k_silver.h5ad, 2,000 most variable
-   genes -> 2,001 positions; skipped when absent) with the PBMC3k accuracy recipe, --epoch F;
+2. finetune.py from scratch (no positional embedding, so no Gene2Vec training is timed) on PBMC3k
+   (../shared/data/pbmc3k_silver.h5ad, 2,000 most variable genes -> 2,001 positions; skipped when
+   absent) with the PBMC3k accuracy recipe, --epoch F;
 3. evaluate.py on the fine-tuned checkpoint's held-out cells.
 
 "on" runs twice: first with an empty inductor cache (TORCHINDUCTOR_CACHE_DIR in benchmarks/out, as
@@ -23,26 +24,14 @@ import csv
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from accuracy import PBMC3K, ROOT, run  # the same script runner (its folder is on sys.path when run)
+
 OUT = ROOT / "benchmarks" / "out" / "compile"
-PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
 CONFIGS = [("off", "eager steps", False), ("on", "compiled, empty cache", True),
            ("on", "compiled, cache filled", False)]
-
-
-def run(cmd: list[str], env: dict[str, str], log_path: Path) -> float:
-    started = time.time()
-    with open(log_path, "w") as log:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        tail = log_path.read_text().splitlines()[-15:]
-        raise SystemExit(f"failed (exit {result.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
-    return time.time() - started
 
 
 def epoch_seconds(metrics_csv: Path) -> list[float]:
@@ -64,24 +53,23 @@ def main() -> None:
         cache = OUT / "inductor_cache"
         if cold:
             shutil.rmtree(cache, ignore_errors=True)
-        env = {**os.environ, "SCBERT_COMPILE": mode, "TORCHINDUCTOR_CACHE_DIR": str(cache),
-               "PYTHONWARNINGS": "ignore"}
+        env = {"SCBERT_COMPILE": mode, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         py = [sys.executable]
         row = {"setting": f"SCBERT_COMPILE={mode}", "what": label}
         print(f"{row['setting']} ({label})", flush=True)
         row["pretrain_s"] = run(py + ["pretrain.py", "--ckpt_dir", str(folder / "pre"), "--epoch",
-                                      str(args.pretrain_epochs)], env, folder / "pretrain.log")
+                                      str(args.pretrain_epochs)], folder / "pretrain.log", env)
         row["pretrain_epoch_s"] = epoch_seconds(folder / "pre" / "pretrain_metrics.csv")
         if PBMC3K.is_file():
             row["finetune_s"] = run(py + ["finetune.py", "--data_path", str(PBMC3K), "--label_key", "silver_label",
                                           "--from_scratch", "--no-pos_embed", "--gene_num", "2000",
                                           "--ckpt_dir", str(folder / "ft"), "--epoch", str(args.finetune_epochs),
                                           "--learning_rate", "3e-4", "--warmup", "0", "--cycle", "10"],
-                                    env, folder / "finetune.log")
+                                    folder / "finetune.log", env)
             row["finetune_epoch_s"] = epoch_seconds(folder / "ft" / "finetune_metrics.csv")
             row["evaluate_s"] = run(py + ["evaluate.py", "--model_path", str(folder / "ft" / "finetune_best.pth"),
                                           "--output_dir", str(folder / "eval"), "--no-umap"],
-                                    env, folder / "evaluate.log")
+                                    folder / "evaluate.log", env)
         rows.append(row)
         print("  " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                if k not in ("setting", "what")), flush=True)
