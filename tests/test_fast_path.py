@@ -229,7 +229,7 @@ def test_compiled_steps_equal_eager_steps(monkeypatch):
     eager_out, eager = loss_and_grads(net, tokens)
     monkeypatch.setattr(model, "_FAST_COMPILE", "on")
     compiled_out, compiled = loss_and_grads(net, tokens)
-    assert all(v is not False for v in model._compiled_steps.values())  # compiled, not fallen back
+    assert model._compiled_steps and not model._failed_steps  # compiled, not fallen back
     assert torch.allclose(compiled_out, eager_out, atol=1e-5)
     for name in eager:
         assert torch.allclose(compiled[name], eager[name], rtol=1e-4, atol=1e-6), name
