@@ -490,16 +490,23 @@ def _empty_key_sums(b: int, h: int, m: int, d: int, acc: torch.dtype, device):
             torch.zeros(b, h, m, dtype=acc, device=device), torch.zeros(b, h, d, dtype=acc, device=device))
 
 
-def _key_pass(step, chunk_inputs, chunks: list[slice], sizes: tuple[int, int, int, int], acc: torch.dtype, device):
+def _key_pass(step, chunk_inputs, chunks: list[slice], sizes: tuple[int, int, int, int], acc: torch.dtype, device,
+              kept: torch.Tensor | None = None):
     """Runs a key step (its leading arguments chunk_inputs(rows), then the running sums) over the
     chunks on the plan's threads; sizes = (b, h, m, d) -> the merged (max, context, k_sum, v_sum,
-    chunk maxima), without the eps terms."""
+    chunk maxima), without the eps terms. Given `kept` (b, n, ...), the step is asked to return one
+    more output per chunk (keep flag True), written to kept[:, rows]."""
 
     def keys(group):
         run_max, context, k_sum, v_sum = _empty_key_sums(*sizes, acc, device)
         maxima = {}
         for index, rows in group:
-            run_max, maxima[index], context, k_sum, v_sum = step(*chunk_inputs(rows), run_max, context, k_sum, v_sum)
+            if kept is None:
+                run_max, maxima[index], context, k_sum, v_sum = step(*chunk_inputs(rows), run_max, context, k_sum,
+                                                                     v_sum)
+            else:
+                run_max, maxima[index], context, k_sum, v_sum, kept[:, rows] = step(
+                    *chunk_inputs(rows), run_max, context, k_sum, v_sum, True)
         return run_max, context, k_sum, v_sum, maxima
 
     return _merge_key_sums(_run_groups(keys, chunks))
@@ -726,7 +733,8 @@ class GenePositionalEmbedding(nn.Module):
 # sequence so that every temporary (q, k, v, features, the 4x wide hidden layer) stays cache-sized:
 # a key pass (LN1, k and v, the key sums) then a query pass (LN1, q, outputs, to_out, LN2, FF). Its
 # backward is written by hand and stores x, x' and the attention output (b, n, inner) per layer; the
-# rest (LN, q, k, v, the projections and the hidden layer) is recomputed per chunk. Used for the
+# rest (LN, the feature projections, and for long inputs q, k, v and the hidden layer, see
+# _KEEP_MAX_ROWS) is recomputed per chunk. Used for the
 # prenorm model without dropout; autocast's dtype (bf16 on CPU) is used for the matmuls, LayerNorm,
 # sums and the residual stream stay in float32, as under autocast.
 
@@ -752,39 +760,46 @@ def _rows(t):  # (b, c, k) -> (b * c, k)
 
 
 @_chunk_dims(x_c=1)
-def _layer_keys_step(x_c, norm1, w_kv, w, run_max, context, k_sum, v_sum):
-    """Key pass of one chunk: x_c (b, c, dim) residual stream; norm1 = (weight, bias, eps)."""
+def _layer_keys_step(x_c, norm1, w_kv, w, run_max, context, k_sum, v_sum, keep_kv: bool = False):
+    """Key pass of one chunk: x_c (b, c, dim) residual stream; norm1 = (weight, bias, eps). With
+    keep_kv, also returns k and v (b, c, 2 inner) for the backward."""
     b, c, _ = x_c.shape
     h, d = context.shape[1], context.shape[-1]
     cdt = w.dtype
     xn = F.layer_norm(x_c, x_c.shape[-1:], norm1[0], norm1[1], norm1[2]).to(cdt)
-    kv = F.linear(xn, w_kv).view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)  # (2, b, h, c, d)
+    kv_rows = F.linear(xn, w_kv)
+    kv = kv_rows.view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)  # (2, b, h, c, d)
     new_max, chunk_max, context, k_sum = _favor_keys(kv[0], kv[1], w, run_max, context, k_sum)
-    return new_max, chunk_max, context, k_sum, v_sum + kv[1].sum(2, dtype=context.dtype)
+    sums = new_max, chunk_max, context, k_sum, v_sum + kv[1].sum(2, dtype=context.dtype)
+    return (*sums, kv_rows) if keep_kv else sums
 
 
 @_chunk_dims(x_c=1)
-def _layer_queries_step(x_c, norm1, w_q, w, context_lp, k_sum, eps_v, eps_s, w_out, b_out, norm2, w1, b1, w2, b2):
-    """Query pass of one chunk -> (y_c, normaliser (b, h, c), x'_c, attention output (b, c, inner))."""
+def _layer_queries_step(x_c, norm1, w_q, w, context_lp, k_sum, eps_v, eps_s, w_out, b_out, norm2, w1, b1, w2, b2,
+                        keep_qh: bool = False):
+    """Query pass of one chunk -> (y_c, normaliser (b, h, c), x'_c, attention output (b, c, inner)),
+    and with keep_qh also q (b, c, inner) and the feed-forward's hidden layer before GELU."""
     b, c, _ = x_c.shape
     h, d = context_lp.shape[1], context_lp.shape[-1]
     cdt = w.dtype
     xn = F.layer_norm(x_c, x_c.shape[-1:], norm1[0], norm1[1], norm1[2]).to(cdt)
-    q = F.linear(xn, w_q).view(b, c, h, d).transpose(1, 2)
-    out, den = _favor_queries(q, w, context_lp, k_sum, eps_v, eps_s)
+    q_rows = F.linear(xn, w_q)
+    out, den = _favor_queries(q_rows.view(b, c, h, d).transpose(1, 2), w, context_lp, k_sum, eps_v, eps_s)
     out = out.transpose(1, 2).reshape(b, c, h * d).to(cdt)
     x_att = x_c + F.linear(out, w_out, b_out).to(x_c.dtype)
     xn2 = F.layer_norm(x_att, x_att.shape[-1:], norm2[0], norm2[1], norm2[2]).to(cdt)
-    y = x_att + F.linear(F.gelu(F.linear(xn2, w1, b1)), w2, b2).to(x_c.dtype)
-    return y, den, x_att, out
+    hid = F.linear(xn2, w1, b1)
+    y = x_att + F.linear(F.gelu(hid), w2, b2).to(x_c.dtype)
+    return (y, den, x_att, out, q_rows, hid) if keep_qh else (y, den, x_att, out)
 
 
-@_chunk_dims(x_c=1, x_att=1, out_c=1, den_c=2, dy=1)
+@_chunk_dims(x_c=1, x_att=1, out_c=1, den_c=2, dy=1, q_c=1, hid_c=1)
 def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, context_lp, k_sum, w_out, norm2, w1, b1,
-                             w2, grads):
+                             w2, grads, q_c=None, hid_c=None):
     """Backward of the query pass of one chunk, from d loss / dy. grads: running sums of the
-    weight gradients (w2, b2, w1, b1, norm2 weight, norm2 bias, w_out, b_out, w_q). -> (d x'
-    (the residual part of dx), d LN1(x) from q, d context, d k_sum, updated grads)."""
+    weight gradients (w2, b2, w1, b1, norm2 weight, norm2 bias, w_out, b_out, w_q); q_c, hid_c:
+    q and the hidden layer if the forward kept them (else recomputed). -> (d x' (the residual part
+    of dx), d LN1(x) from q, d context, d k_sum, updated grads)."""
     g_w2, g_b2, g_w1, g_b1, g_n2w, g_n2b, g_wo, g_bo, g_wq = grads
     b, c, dim = x_c.shape
     h, d = context_lp.shape[1], context_lp.shape[-1]
@@ -792,7 +807,7 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, contex
     # feed-forward: recompute LN2 and the hidden layer
     xh2, rstd2 = _layer_norm_stats(x_att, norm2[2])
     xn2 = (xh2 * norm2[0] + norm2[1]).to(cdt)
-    hid = F.linear(xn2, w1, b1)
+    hid = F.linear(xn2, w1, b1) if hid_c is None else hid_c
     dy_lp = dy.to(cdt)
     g_w2 = g_w2 + torch.matmul(_rows(dy_lp).t(), _rows(F.gelu(hid))).to(acc)
     g_b2 = g_b2 + _rows(dy).sum(0)
@@ -811,7 +826,7 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, contex
     d_out = torch.matmul(d_att_lp, w_out).to(acc).view(b, c, h, d).transpose(1, 2)
     # FAVOR+ queries: recompute LN1 and q
     xn = F.layer_norm(x_c, (dim,), norm1[0], norm1[1], norm1[2]).to(cdt)
-    q = F.linear(xn, w_q).view(b, c, h, d).transpose(1, 2)
+    q = (F.linear(xn, w_q) if q_c is None else q_c).view(b, c, h, d).transpose(1, 2)
     out = out_c.view(b, c, h, d).transpose(1, 2).to(acc)
     dq, d_context, d_k_sum = _favor_queries_grad(q, d_out, out, den_c, w, context_lp, k_sum)
     dq_lp = dq.transpose(1, 2).reshape(b, c, h * d).to(cdt)
@@ -820,10 +835,11 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, contex
     return d_att, d_xn, d_context, d_k_sum, (g_w2, g_b2, g_w1, g_b1, g_n2w, g_n2b, g_wo, g_bo, g_wq)
 
 
-@_chunk_dims(x_c=1, d_att=1, d_xn=1)
-def _layer_keys_grad_step(x_c, d_att, d_xn, norm1, w_kv, w, key_max, d_context_lp, d_k_sum, d_eps_v, grads):
+@_chunk_dims(x_c=1, d_att=1, d_xn=1, kv_c=1)
+def _layer_keys_grad_step(x_c, d_att, d_xn, norm1, w_kv, w, key_max, d_context_lp, d_k_sum, d_eps_v, grads,
+                          kv_c=None):
     """Backward of the key pass of one chunk; finishes dx. grads: running (w_kv, norm1 weight,
-    norm1 bias) gradients. -> (dx_c, updated grads)."""
+    norm1 bias) gradients; kv_c: k and v if the forward kept them. -> (dx_c, updated grads)."""
     g_wkv, g_n1w, g_n1b = grads
     b, c, _ = x_c.shape
     h, d = d_context_lp.shape[1], d_context_lp.shape[-1]
@@ -831,7 +847,7 @@ def _layer_keys_grad_step(x_c, d_att, d_xn, norm1, w_kv, w, key_max, d_context_l
     acc = d_k_sum.dtype
     xh, rstd = _layer_norm_stats(x_c, norm1[2])
     xn = (xh * norm1[0] + norm1[1]).to(cdt)
-    kv = F.linear(xn, w_kv).view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)
+    kv = (F.linear(xn, w_kv) if kv_c is None else kv_c).view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)
     dk, dv = _favor_keys_grad(kv[0], kv[1], w, key_max, d_context_lp, d_k_sum, d_eps_v)
     d_kv = torch.stack((dk, dv)).permute(1, 3, 0, 2, 4).reshape(b, c, 2 * h * d).to(cdt)
     g_wkv = g_wkv + torch.matmul(_rows(d_kv).t(), _rows(xn)).to(acc)
@@ -839,6 +855,13 @@ def _layer_keys_grad_step(x_c, d_att, d_xn, norm1, w_kv, w, key_max, d_context_l
     g_n1w = g_n1w + _rows(d_xn * xh).sum(0)
     g_n1b = g_n1b + _rows(d_xn).sum(0)
     return d_att + _layer_norm_grad(d_xn, xh, rstd, norm1[0]), (g_wkv, g_n1w, g_n1b)
+
+
+# Training inputs of at most this many positions (batch x sequence) keep q, k, v and the hidden
+# layer of each fused layer for the backward (5.4 kB per position and layer in bf16; 66 MB for one
+# cell of 2,049 positions over 6 layers) instead of recomputing them, ~1/9 of the step's matmuls.
+# Longer ones recompute (16,907 positions would keep 550 MB).
+_KEEP_MAX_ROWS = 8192
 
 
 def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
@@ -849,33 +872,42 @@ def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
     h = w_q.shape[0] // d
     acc = _accumulation_dtype(w.dtype)
     key_step, query_step = _chunk_step(_layer_keys_step, n), _chunk_step(_layer_queries_step, n)
+    keep_more = keep and b * n <= _KEEP_MAX_ROWS
+    new = lambda width, dtype=w.dtype: torch.empty(b, n, width, dtype=dtype, device=x.device)  # noqa: E731
+    kv = new(w_kv.shape[0]) if keep_more else None
     key_max, context, k_sum, v_sum, maxima = _key_pass(key_step, lambda rows: (x[:, rows], norm1, w_kv, w), chunks,
-                                                       (b, h, w.shape[0], d), acc, x.device)
+                                                       (b, h, w.shape[0], d), acc, x.device, kv)
     context, k_sum, eps_v, eps_s = _finish_key_sums(context, k_sum, v_sum, n)
     context_lp = context.to(w.dtype)
     y = torch.empty_like(x)
     den = torch.empty(b, h, n, dtype=acc, device=x.device)
     x_att = torch.empty_like(x) if keep else None
-    out = torch.empty(b, n, h * d, dtype=w.dtype, device=x.device) if keep else None
+    out = new(h * d) if keep else None
+    q, hid = (new(w_q.shape[0]), new(w1.shape[0])) if keep_more else (None, None)
 
     def queries(group):
         for _, rows in group:
-            y[:, rows], den[:, :, rows], x_att_c, out_c = query_step(
-                x[:, rows], norm1, w_q, w, context_lp, k_sum, eps_v, eps_s, w_out, b_out, norm2, w1, b1, w2, b2)
-            if keep:
-                x_att[:, rows], out[:, rows] = x_att_c, out_c
+            args = (x[:, rows], norm1, w_q, w, context_lp, k_sum, eps_v, eps_s, w_out, b_out, norm2, w1, b1, w2, b2)
+            if keep_more:
+                y[:, rows], den[:, :, rows], x_att[:, rows], out[:, rows], q[:, rows], hid[:, rows] = query_step(
+                    *args, True)
+            elif keep:
+                y[:, rows], den[:, :, rows], x_att[:, rows], out[:, rows] = query_step(*args)
+            else:
+                y[:, rows], den[:, :, rows], _, _ = query_step(*args)
 
     _run_groups(queries, chunks)
     if not keep:
         return y, None
-    return y, (x_att, out, den, context, k_sum, v_sum, key_max, maxima)
+    return y, (x_att, out, den, context, k_sum, v_sum, key_max, maxima, q, hid, kv)
 
 
 def _fused_layer_backward(dy, x, weights, chunks: list[slice], state):
     """-> (dx, gradients of (norm1 weight, norm1 bias, w_q, w_kv, w_out, b_out, norm2 weight,
     norm2 bias, w1, b1, w2, b2)) in float32 (the accumulation dtype)."""
     norm1, w_q, w_kv, w, w_out, b_out, norm2, w1, b1, w2, b2 = weights
-    x_att, out, den, context, k_sum, v_sum, key_max, chunk_maxima = state
+    x_att, out, den, context, k_sum, v_sum, key_max, chunk_maxima, q, hid, kv = state
+    kept = lambda t, rows: () if t is None else (t[:, rows],)  # noqa: E731
     b, n, dim = x.shape
     d = w.shape[1]
     h = w_q.shape[0] // d
@@ -891,7 +923,7 @@ def _fused_layer_backward(dy, x, weights, chunks: list[slice], state):
         for _, rows in group:
             d_att[:, rows], d_xn[:, rows], d_c, d_s, grads = query_step(
                 x[:, rows], x_att[:, rows], out[:, rows], den[:, :, rows], dy[:, rows], norm1, w_q, w, context_lp,
-                k_sum, w_out, norm2, w1, b1, w2, grads)
+                k_sum, w_out, norm2, w1, b1, w2, grads, *kept(q, rows), *kept(hid, rows))
             d_context, d_k_sum = d_context + d_c, d_k_sum + d_s
         return grads, d_context, d_k_sum
 
@@ -920,7 +952,7 @@ def _fused_layer_backward(dy, x, weights, chunks: list[slice], state):
         grads = (zeros(w_kv), zeros(norm1[0]), zeros(norm1[1]))
         for _, rows in group:
             dx[:, rows], grads = key_step(x[:, rows], d_att[:, rows], d_xn[:, rows], norm1, w_kv, w, key_max,
-                                          d_context_lp, d_k_sum, d_eps_v, grads)
+                                          d_context_lp, d_k_sum, d_eps_v, grads, *kept(kv, rows))
         return grads
 
     grads = _sum_parts(_run_groups(keys, chunks))

@@ -36,8 +36,11 @@ def loss_and_grads(net, tokens):
     return out.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("keep", ["kept", "recomputed"])
 @pytest.mark.parametrize("gene_num, chunk, batch", [(49, 16, 2), (32, 7, 1), (40, 1000, 3)])
-def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_num, chunk, batch):
+def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_num, chunk, batch, keep):
+    # short training inputs keep q, k, v and the hidden layer for the backward, long ones recompute them
+    monkeypatch.setattr(model, "_KEEP_MAX_ROWS", 10**9 if keep == "kept" else 0)
     config = get_config("tiny", gene_num=gene_num, attn_chunk=chunk, feature_redraw_interval=0)
     net = random_model(config).train()
     tokens = torch.randint(0, 6, (batch, config.seq_len), generator=torch.Generator().manual_seed(1))
@@ -222,7 +225,9 @@ def test_bf16_keeps_fp32_predictions_on_real_cells():
 
 @pytest.mark.skipif(os.environ.get("SCBERT_TEST_COMPILE") != "1",
                     reason="compiles the chunk steps (minutes on two cores): SCBERT_TEST_COMPILE=1")
-def test_compiled_steps_equal_eager_steps(monkeypatch):
+@pytest.mark.parametrize("keep", ["kept", "recomputed"])
+def test_compiled_steps_equal_eager_steps(monkeypatch, keep):
+    monkeypatch.setattr(model, "_KEEP_MAX_ROWS", 10**9 if keep == "kept" else 0)
     config = get_config("tiny", gene_num=60, attn_chunk=16, feature_redraw_interval=0)
     net = random_model(config, seed=8, dtype=torch.float32).train()
     tokens = torch.randint(0, 6, (2, config.seq_len))
@@ -231,8 +236,9 @@ def test_compiled_steps_equal_eager_steps(monkeypatch):
     compiled_out, compiled = loss_and_grads(net, tokens)
     assert model._compiled_steps and not model._failed_steps  # compiled, not fallen back
     assert torch.allclose(compiled_out, eager_out, atol=1e-5)
-    for name in eager:
-        assert torch.allclose(compiled[name], eager[name], rtol=1e-4, atol=1e-6), name
+    for name in eager:  # relative to the largest entry: compiled kernels sum in another order
+        scale = eager[name].abs().max().item() + 1e-30
+        assert (compiled[name] - eager[name]).abs().max().item() / scale < 1e-5, name
 
 
 @pytest.mark.parametrize("value, expected", [("on", "on"), ("OFF", "off"), ("", "auto"), ("fast", "auto")])
