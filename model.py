@@ -182,6 +182,7 @@ _COMPILE_MODES = ("auto", "on", "off")
 _COMPILE_MIN_LEN = 2048
 _compiled_steps: dict[Any, Any] = {}  # (step, threads) -> compiled step
 _failed_steps: set = set()  # steps whose compilation failed: eager from then on
+_RECOMPILE_LIMIT = 64  # compiled graphs per step function (see _chunk_step)
 
 
 def _compile_mode_from_env() -> str:
@@ -219,10 +220,16 @@ def _chunk_step(fn, n: int):
         return fn
 
     def run(*args):
+        if fn in _failed_steps:  # another chunk's compilation failed: dynamo would retry on every call
+            return fn(*args)
         threads = torch.get_num_threads()
         if (fn, threads) not in _compiled_steps:
             _compiled_steps[fn, threads] = torch.compile(
                 fn, dynamic=False, options={"cpp.threads": threads, "cpp_wrapper": True})
+            # one graph per thread count, batch size, dtype and kept/recomputed backward: past dynamo's
+            # default of 8 per function it would fall back to eager without a word
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
         for index, axis in fn.chunk_dims.items():
             if index < len(args):  # optional chunk inputs may be left out
                 torch._dynamo.maybe_mark_dynamic(args[index], axis)
@@ -730,13 +737,13 @@ class GenePositionalEmbedding(nn.Module):
 # encoder: the fused fast layer
 #
 # One prenorm layer, x -> x' = x + Attn(LN1(x)) -> y = x' + FF(LN2(x')), run chunk by chunk along the
-# sequence so that every temporary (q, k, v, features, the 4x wide hidden layer) stays cache-sized:
-# a key pass (LN1, k and v, the key sums) then a query pass (LN1, q, outputs, to_out, LN2, FF). Its
+# sequence so that every temporary (q, k, v, features, the 4x wide hidden layer) stays cache-sized: a
+# key pass (LN1, k and v, the key sums) then a query pass (LN1, q, outputs, to_out, LN2, FF). Its
 # backward is written by hand and stores x, x' and the attention output (b, n, inner) per layer; the
-# rest (LN, the feature projections, and for long inputs q, k, v and the hidden layer, see
-# _KEEP_MAX_ROWS) is recomputed per chunk. Used for the
-# prenorm model without dropout; autocast's dtype (bf16 on CPU) is used for the matmuls, LayerNorm,
-# sums and the residual stream stay in float32, as under autocast.
+# rest (LN, the feature projections, and for large inputs (batch x sequence) q, k, v and the hidden
+# layer, see _KEEP_MAX_BYTES) is recomputed per chunk. Used for the prenorm model without dropout;
+# autocast's dtype (bf16 on CPU) is used for the matmuls, LayerNorm, sums and the residual stream stay
+# in float32, as under autocast.
 
 
 def _layer_norm_stats(x, eps: float):
@@ -857,11 +864,11 @@ def _layer_keys_grad_step(x_c, d_att, d_xn, norm1, w_kv, w, key_max, d_context_l
     return d_att + _layer_norm_grad(d_xn, xh, rstd, norm1[0]), (g_wkv, g_n1w, g_n1b)
 
 
-# Training inputs of at most this many positions (batch x sequence) keep q, k, v and the hidden
-# layer of each fused layer for the backward (5.4 kB per position and layer in bf16; 66 MB for one
-# cell of 2,049 positions over 6 layers) instead of recomputing them, ~1/9 of the step's matmuls.
-# Longer ones recompute (16,907 positions would keep 550 MB).
-_KEEP_MAX_ROWS = 8192
+# A training input keeps q, k, v and the hidden layer of each fused layer for the backward instead of
+# recomputing them (~1/9 of the step's matmuls) when they take at most this many bytes per layer:
+# 5.4 kB per position (batch x sequence) in bf16 for the published widths, so up to ~9,000 positions
+# (one cell of 2,049: 66 MB over 6 layers); longer inputs recompute (16,907 positions would keep 550 MB).
+_KEEP_MAX_BYTES = 48 * 2**20
 
 
 def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
@@ -872,7 +879,8 @@ def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
     h = w_q.shape[0] // d
     acc = _accumulation_dtype(w.dtype)
     key_step, query_step = _chunk_step(_layer_keys_step, n), _chunk_step(_layer_queries_step, n)
-    keep_more = keep and b * n <= _KEEP_MAX_ROWS
+    kept_bytes = b * n * (w_q.shape[0] + w_kv.shape[0] + w1.shape[0]) * w.element_size()
+    keep_more = keep and kept_bytes <= _KEEP_MAX_BYTES
     new = lambda width, dtype=w.dtype: torch.empty(b, n, width, dtype=dtype, device=x.device)  # noqa: E731
     kv = new(w_kv.shape[0]) if keep_more else None
     key_max, context, k_sum, v_sum, maxima = _key_pass(key_step, lambda rows: (x[:, rows], norm1, w_kv, w), chunks,
@@ -1093,7 +1101,7 @@ class Performer(nn.Module):
         self.check_redraw()
         for attn, ff in self.net.layers:
             if fused_layer_usable(attn, ff, self.training):
-                x = fused_layer(attn, ff, x)  # recomputes most of the layer in backward by itself
+                x = fused_layer(attn, ff, x)  # stores little and recomputes the rest in backward by itself
             elif self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(_layer_forward, attn, ff, x, use_reentrant=False)
             else:

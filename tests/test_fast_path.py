@@ -40,7 +40,7 @@ def loss_and_grads(net, tokens):
 @pytest.mark.parametrize("gene_num, chunk, batch", [(49, 16, 2), (32, 7, 1), (40, 1000, 3)])
 def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_num, chunk, batch, keep):
     # short training inputs keep q, k, v and the hidden layer for the backward, long ones recompute them
-    monkeypatch.setattr(model, "_KEEP_MAX_ROWS", 10**9 if keep == "kept" else 0)
+    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
     config = get_config("tiny", gene_num=gene_num, attn_chunk=chunk, feature_redraw_interval=0)
     net = random_model(config).train()
     tokens = torch.randint(0, 6, (batch, config.seq_len), generator=torch.Generator().manual_seed(1))
@@ -55,6 +55,25 @@ def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_n
         assert (fused[name] - plain[name]).abs().max().item() / scale < 1e-10, name
 
 
+def test_training_inputs_keep_q_k_v_and_the_hidden_layer_up_to_the_byte_budget(monkeypatch):
+    config = get_config("tiny", gene_num=49, attn_chunk=16, feature_redraw_interval=0)
+    net = random_model(config).train()
+    tokens = torch.randint(0, 6, (2, config.seq_len), generator=torch.Generator().manual_seed(3))
+    width = 3 * config.heads * config.dim_head + config.ff_mult * config.dim  # q, k, v, hidden layer
+    needed = 2 * config.seq_len * width * 8  # float64
+    passed = []
+    for name, count in (("_layer_queries_grad_step", 16), ("_layer_keys_grad_step", 11)):
+        step = getattr(model, name)
+        spy = lambda *args, step=step, count=count: passed.append(len(args) - count) or step(*args)  # noqa: E731
+        monkeypatch.setattr(model, name, spy)
+    for budget, kept in ((needed, [2, 1]), (needed - 1, [0, 0])):
+        monkeypatch.setattr(model, "_KEEP_MAX_BYTES", budget)
+        passed.clear()
+        loss_and_grads(net, tokens)
+        chunks = len(model._chunks(config.seq_len, 16, 2))
+        assert passed == ([kept[0]] * chunks + [kept[1]] * chunks) * config.depth, budget
+
+
 @pytest.fixture
 def two_threads(monkeypatch):
     """The tests run with one OpenMP thread (conftest); the fast path spreads chunks over worker
@@ -66,7 +85,9 @@ def two_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_chunks_spread_over_threads_give_the_same_values_and_gradients(monkeypatch, two_threads):
+@pytest.mark.parametrize("keep", ["kept", "recomputed"])
+def test_chunks_spread_over_threads_give_the_same_values_and_gradients(monkeypatch, two_threads, keep):
+    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
     config = get_config("tiny", gene_num=90, attn_chunk=8, feature_redraw_interval=0)
     net = random_model(config, seed=9).train()
     tokens = torch.randint(0, 6, (2, config.seq_len), generator=torch.Generator().manual_seed(10))
@@ -227,14 +248,17 @@ def test_bf16_keeps_fp32_predictions_on_real_cells():
                     reason="compiles the chunk steps (minutes on two cores): SCBERT_TEST_COMPILE=1")
 @pytest.mark.parametrize("keep", ["kept", "recomputed"])
 def test_compiled_steps_equal_eager_steps(monkeypatch, keep):
-    monkeypatch.setattr(model, "_KEEP_MAX_ROWS", 10**9 if keep == "kept" else 0)
+    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
     config = get_config("tiny", gene_num=60, attn_chunk=16, feature_redraw_interval=0)
     net = random_model(config, seed=8, dtype=torch.float32).train()
     tokens = torch.randint(0, 6, (2, config.seq_len))
     eager_out, eager = loss_and_grads(net, tokens)
     monkeypatch.setattr(model, "_FAST_COMPILE", "on")
-    compiled_out, compiled = loss_and_grads(net, tokens)
-    assert model._compiled_steps and not model._failed_steps  # compiled, not fallen back
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # no silent eager fallback
+        compiled_out, compiled = loss_and_grads(net, tokens)
+    steps = (model._layer_keys_step, model._layer_queries_step, model._layer_queries_grad_step,
+             model._layer_keys_grad_step)
+    assert all((step, 1) in model._compiled_steps for step in steps) and not model._failed_steps
     assert torch.allclose(compiled_out, eager_out, atol=1e-5)
     for name in eager:  # relative to the largest entry: compiled kernels sum in another order
         scale = eager[name].abs().max().item() + 1e-30
@@ -255,3 +279,29 @@ def test_compile_mode_comes_from_the_environment(value, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(os.path.abspath(model.__file__)),
                          capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == expected
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_steps_once(monkeypatch):
+    attempts = []
+
+    def broken_compile(fn, **kwargs):  # what torch.compile does without a C++ compiler: fail when called
+        def compiled(*args):
+            attempts.append(fn.__name__)
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    config = get_config("tiny", gene_num=60, attn_chunk=16, feature_redraw_interval=0)
+    net = random_model(config, seed=8).eval()
+    tokens = torch.randint(0, 6, (2, config.seq_len), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        eager = net(tokens)
+        monkeypatch.setattr(model, "_FAST_COMPILE", "on")
+        monkeypatch.setattr(model, "_compiled_steps", {})
+        monkeypatch.setattr(model, "_failed_steps", set())
+        monkeypatch.setattr(torch, "compile", broken_compile)
+        with pytest.warns(RuntimeWarning, match="no C.. compiler") as warned:
+            fallback = net(tokens)
+    assert torch.equal(fallback, eager)
+    assert sorted(attempts) == ["_layer_keys_step", "_layer_queries_step"]  # once per step, not per chunk
+    assert len(warned) == 2
