@@ -177,8 +177,8 @@ def favor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 _COMPILE_MODES = ("auto", "on", "off")
 # "auto" compiles for sequences at least this long. Shorter ones gain less than the compilation costs
-# in a typical run: on PBMC3k's 2,001 positions a fine-tuning epoch is 1.15x faster compiled once the
-# kernels are cached, but a fresh machine's first run is slower (benchmarks/compile_speed.py)
+# in a typical run: with the small preset on PBMC3k's 2,001 positions every script was slower compiled,
+# even with the kernels cached (benchmarks/compile_speed.py)
 _COMPILE_MIN_LEN = 2048
 _compiled_steps: dict[Any, Any] = {}  # (step, threads) -> compiled step
 _failed_steps: set = set()  # steps whose compilation failed: eager from then on
