@@ -811,7 +811,7 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, contex
     b, c, dim = x_c.shape
     h, d = context_lp.shape[1], context_lp.shape[-1]
     cdt, acc = w.dtype, den_c.dtype
-    # feed-forward: recompute LN2 and the hidden layer
+    # feed-forward: recompute LN2, and the hidden layer unless the forward kept it
     xh2, rstd2 = _layer_norm_stats(x_att, norm2[2])
     xn2 = (xh2 * norm2[0] + norm2[1]).to(cdt)
     hid = F.linear(xn2, w1, b1) if hid_c is None else hid_c
@@ -831,7 +831,7 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, norm1, w_q, w, contex
     g_wo = g_wo + torch.matmul(_rows(d_att_lp).t(), _rows(out_c)).to(acc)
     g_bo = g_bo + _rows(d_att).sum(0)
     d_out = torch.matmul(d_att_lp, w_out).to(acc).view(b, c, h, d).transpose(1, 2)
-    # FAVOR+ queries: recompute LN1 and q
+    # FAVOR+ queries: recompute LN1, and q unless kept
     xn = F.layer_norm(x_c, (dim,), norm1[0], norm1[1], norm1[2]).to(cdt)
     q = (F.linear(xn, w_q) if q_c is None else q_c).view(b, c, h, d).transpose(1, 2)
     out = out_c.view(b, c, h, d).transpose(1, 2).to(acc)
@@ -881,7 +881,7 @@ def _fused_layer_forward(x, weights, chunks: list[slice], keep: bool):
     key_step, query_step = _chunk_step(_layer_keys_step, n), _chunk_step(_layer_queries_step, n)
     kept_bytes = b * n * (w_q.shape[0] + w_kv.shape[0] + w1.shape[0]) * w.element_size()
     keep_more = keep and kept_bytes <= _KEEP_MAX_BYTES
-    new = lambda width, dtype=w.dtype: torch.empty(b, n, width, dtype=dtype, device=x.device)  # noqa: E731
+    new = lambda width: torch.empty(b, n, width, dtype=w.dtype, device=x.device)  # noqa: E731
     kv = new(w_kv.shape[0]) if keep_more else None
     key_max, context, k_sum, v_sum, maxima = _key_pass(key_step, lambda rows: (x[:, rows], norm1, w_kv, w), chunks,
                                                        (b, h, w.shape[0], d), acc, x.device, kv)
