@@ -36,11 +36,16 @@ def loss_and_grads(net, tokens):
     return out.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("keep", ["kept", "recomputed"])
+@pytest.fixture(params=["kept", "recomputed"])
+def backward_path(request, monkeypatch):
+    """Both backwards of the fused layer: short training inputs keep q, k, v and the hidden layer for
+    it, long ones recompute them."""
+    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if request.param == "kept" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("gene_num, chunk, batch", [(49, 16, 2), (32, 7, 1), (40, 1000, 3)])
-def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, gene_num, chunk, batch, keep):
-    # short training inputs keep q, k, v and the hidden layer for the backward, long ones recompute them
-    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
+def test_fused_layer_equals_module_path_values_and_gradients(monkeypatch, backward_path, gene_num, chunk, batch):
     config = get_config("tiny", gene_num=gene_num, attn_chunk=chunk, feature_redraw_interval=0)
     net = random_model(config).train()
     tokens = torch.randint(0, 6, (batch, config.seq_len), generator=torch.Generator().manual_seed(1))
@@ -85,9 +90,7 @@ def two_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("keep", ["kept", "recomputed"])
-def test_chunks_spread_over_threads_give_the_same_values_and_gradients(monkeypatch, two_threads, keep):
-    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
+def test_chunks_spread_over_threads_give_the_same_values_and_gradients(monkeypatch, two_threads, backward_path):
     config = get_config("tiny", gene_num=90, attn_chunk=8, feature_redraw_interval=0)
     net = random_model(config, seed=9).train()
     tokens = torch.randint(0, 6, (2, config.seq_len), generator=torch.Generator().manual_seed(10))
@@ -246,9 +249,7 @@ def test_bf16_keeps_fp32_predictions_on_real_cells():
 
 @pytest.mark.skipif(os.environ.get("SCBERT_TEST_COMPILE") != "1",
                     reason="compiles the chunk steps (minutes on two cores): SCBERT_TEST_COMPILE=1")
-@pytest.mark.parametrize("keep", ["kept", "recomputed"])
-def test_compiled_steps_equal_eager_steps(monkeypatch, keep):
-    monkeypatch.setattr(model, "_KEEP_MAX_BYTES", 10**12 if keep == "kept" else 0)
+def test_compiled_steps_equal_eager_steps(monkeypatch, backward_path):
     config = get_config("tiny", gene_num=60, attn_chunk=16, feature_redraw_interval=0)
     net = random_model(config, seed=8, dtype=torch.float32).train()
     tokens = torch.randint(0, 6, (2, config.seq_len))
