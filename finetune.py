@@ -227,7 +227,6 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
         model = setup["build_model"]()
     unfreeze = args.unfreeze or ("all" if setup["start"] is None else "published")
     what = set_trainable(model, unfreeze)
-    model.performer.grad_checkpoint = args.grad_checkpoint
     model.to(ctx.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"training {what}: {sum(p.numel() for p in params):,} parameters")
@@ -272,7 +271,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
         loader = utils.make_loader(train_set, args.batch_size, ctx, shuffle=True, seed=args.seed, epoch=epoch,
                                    num_workers=args.num_workers)
         totals = utils.train_one_epoch(ddp_model, loader, loss_fn, precision, optimizer, params, args.grad_acc,
-                                       args.clip, ctx.is_main, f"epoch {epoch}")
+                                       args.clip, ctx.is_main, f"epoch {epoch}", args.grad_checkpoint)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         totals = utils.all_reduce_sum(totals, ctx)

@@ -113,14 +113,12 @@ def main(args: argparse.Namespace) -> Path:
         model = utils.build_model_from_checkpoint(resume_ckpt, ckpt_path)
     else:
         config = get_config(args.model, gene_num=len(panel), bin_num=args.bin_num,
-                            pos_embed="gene2vec" if args.pos_embed else "none",
-                            grad_checkpoint=args.grad_checkpoint)
+                            pos_embed="gene2vec" if args.pos_embed else "none")
         table = utils.gene2vec_table(args, aligned, panel, config.dim, ctx, log, ckpt_dir, input_format) if args.pos_embed else None
         utils.seed_everything(args.seed)
         model = PerformerLM(config, pos_table=table)
         model.set_redraw_seed(args.seed)
     config = model.config
-    model.performer.grad_checkpoint = args.grad_checkpoint
     model.to(ctx.device).train()
 
     # splits (random, seeded: pretraining has no labels)
@@ -162,7 +160,7 @@ def main(args: argparse.Namespace) -> Path:
             return loss, np.array([loss.item() * n_masked, correct, n_masked])
 
         totals = utils.train_one_epoch(ddp_model, loader, loss_fn, precision, optimizer, params, args.grad_acc,
-                                       args.clip, ctx.is_main, f"epoch {epoch}")
+                                       args.clip, ctx.is_main, f"epoch {epoch}", args.grad_checkpoint)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train = utils.all_reduce_sum(totals, ctx)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import kernels
 from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
 
@@ -28,7 +29,7 @@ from model import ModelConfig, PerformerLM, infer_config
 # script entry
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """glibc malloc: serve large blocks from the heap instead of fresh mmap'd pages, and keep up to
     1 GiB of freed memory for reuse (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB). The model's
     per-chunk temporaries are freed and allocated again thousands of times per step; as fresh
@@ -36,7 +37,7 @@ def reuse_freed_memory() -> bool:
     training step 0.87 -> 0.64 s per cell; performer-pytorch's fp32 time halves with the same
     setting). Peak memory is unchanged. Returns whether it applied (glibc only; SCBERT_MALLOC=default
     leaves the allocator alone)."""
-    if not sys.platform.startswith("linux") or os.environ.get("SCBERT_MALLOC") == "default":
+    if not sys.platform.startswith("linux") or environ.get("SCBERT_MALLOC") == "default":
         return False
     import ctypes
 
@@ -48,16 +49,28 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def configure_from_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """The documented environment overrides, read once when a script starts: SCBERT_COMPILE
+    (whether the engine compiles its chunk steps, kernels.ExecutionSettings.compile) and
+    SCBERT_MALLOC (see reuse_freed_memory)."""
+    try:
+        kernels.set_execution(**kernels.settings_from_environment(environ))
+    except ValueError as err:
+        raise InputError(f"{err}; unset it or set it to auto, on or off") from None
+    reuse_freed_memory(environ)
+
+
 def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> Any:
-    """Parses arguments and runs main(args). A problem the user can fix (InputError) ends the script
-    with one line on stderr and exit code 2; --debug shows the traceback instead."""
+    """Parses arguments, applies the environment's overrides and runs main(args). A problem the user
+    can fix (InputError) ends the script with one line on stderr and exit code 2; --debug shows the
+    traceback instead."""
     args = parser.parse_args(argv)
-    reuse_freed_memory()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     # progress notes go to stdout with the rest of the log; stderr keeps only the error line
     logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", stream=sys.stdout,
                         force=True)
     try:
+        configure_from_environment()
         return main(args)
     except InputError as err:
         if getattr(args, "debug", False):
@@ -590,14 +603,16 @@ def plain_args(args: Any) -> dict[str, Any]:
 
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, np.ndarray]],
                     precision: Precision, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                    grad_acc: int, clip: float, show_progress: bool, desc: str) -> np.ndarray:
+                    grad_acc: int, clip: float, show_progress: bool, desc: str,
+                    grad_checkpoint: bool = False) -> np.ndarray:
     """One pass over the loader with gradient accumulation (DDP syncs only on the last micro-step).
-    loss_fn(batch) -> (loss to minimise, statistics to sum); returns the summed statistics."""
+    loss_fn(batch) -> (loss to minimise, statistics to sum); returns the summed statistics.
+    grad_checkpoint: store as little as possible for the backward (kernels.ExecutionSettings)."""
     totals = None
     n_steps = len(loader)
     for step, batch in enumerate(progress(loader, show_progress, desc=desc, total=n_steps)):
         last_micro = (step + 1) % grad_acc == 0 or step + 1 == n_steps
-        with maybe_no_sync(model, not last_micro):
+        with maybe_no_sync(model, not last_micro), kernels.execution(grad_checkpoint=grad_checkpoint):
             loss, stats = loss_fn(batch)
             precision.backward(loss / grad_acc, optimizer)
         if last_micro:

@@ -1,8 +1,9 @@
-"""What compiling the fast path's chunk steps buys a user of the scripts on panels shorter than 2,048
-genes, where the default (SCBERT_COMPILE=auto) does not compile.
+"""What compiling the engine's chunk steps (kernels/) buys a user of the scripts on panels shorter
+than 2,048 genes, where the default (SCBERT_COMPILE=auto) does not compile.
 
 Runs the scripts exactly as a user would, each configuration in its own process, with the compile
-setting of model.py chosen by the environment (SCBERT_COMPILE=off: eager steps; on: compiled):
+setting (kernels.ExecutionSettings.compile) chosen by the environment (SCBERT_COMPILE=off: eager
+steps; on: compiled):
 
 1. pretrain.py on the default data (pbmc68k_reduced, 766 positions), --epoch E;
 2. finetune.py from scratch (no positional embedding, so no Gene2Vec training is timed) on PBMC3k

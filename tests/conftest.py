@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import kernels  # noqa: E402
+
+kernels.set_execution(**kernels.settings_from_environment(os.environ))  # in-process models, as the scripts do
+
 
 @pytest.fixture(scope="session")
 def default_subset(tmp_path_factory):

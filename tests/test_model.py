@@ -9,16 +9,18 @@ import torch
 from torch import nn
 
 import train_utils
+from kernels import execution, favor_attention
 from model import (
     FastAttention,
     ModelConfig,
     PerformerLM,
-    favor_attention_fast,
     favor_attention_reference,
     get_config,
     infer_config,
     orthogonal_gaussian_matrix,
 )
+
+PATHS = {"fast": "fused", "reference": "reference"}  # the attention implementations as execution paths
 
 # REFERENCE.md §5: the 91 entries of the published pretraining model (i = layer)
 LAYER_KEYS = {
@@ -141,10 +143,7 @@ def test_published_layout_loads_without_config_and_matches_reference(tmp_path, h
     tokens = torch.randint(0, config.bin_num + 1, (3, config.seq_len))
     tokens[:, -1] = 0
     for impl in ("fast", "reference"):
-        for module in model.modules():
-            if isinstance(module, FastAttention):
-                module.impl = impl
-        with torch.no_grad():
+        with torch.no_grad(), execution(path=PATHS[impl]):
             for cell in tokens:  # batch size 1: where the published batch-wide key maximum is exact
                 expected = ref(cell[None])
                 got = model(cell[None])
@@ -157,15 +156,12 @@ def test_published_layout_loads_without_config_and_matches_reference(tmp_path, h
 
 def test_cell_output_does_not_depend_on_its_batch():
     torch.manual_seed(1)
-    config = get_config("tiny", gene_num=200, attn_chunk=64)
+    config = get_config("tiny", gene_num=200)
     model = PerformerLM(config, pos_table=torch.randn(config.seq_len, config.dim, dtype=torch.float64)).eval()
     tokens = torch.randint(0, 6, (5, config.seq_len))
     tokens[0, :] = 5  # a cell with much larger keys than its neighbours moves a batch-wide maximum
     for impl in ("fast", "reference"):
-        for module in model.modules():
-            if isinstance(module, FastAttention):
-                module.impl = impl
-        with torch.no_grad():
+        with torch.no_grad(), execution(path=PATHS[impl], chunk=64):
             together = model(tokens)
             for i in range(len(tokens)):
                 alone = model(tokens[i : i + 1])
@@ -180,22 +176,26 @@ def test_fast_path_equals_reference_values_and_gradients():
     ref = favor_attention_reference(q, k, v, proj)
     grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for chunk in (1000, 50, 7):
-        fast = favor_attention_fast(q, k, v, proj, chunk)
-        assert (fast - ref).abs().max().item() < 1e-10
-        grads = torch.autograd.grad(fast.square().sum(), (q, k, v))
+        with execution(chunk=chunk):
+            fast = favor_attention(q, k, v, proj)
+            assert (fast - ref).abs().max().item() < 1e-10
+            grads = torch.autograd.grad(fast.square().sum(), (q, k, v))
         for g, gr in zip(grads, grads_ref):
             assert (g - gr).abs().max().item() < 1e-8
 
 
 def test_fast_model_equals_reference_model_fp32():
     torch.manual_seed(3)
-    config = get_config("small", gene_num=1500, attn_chunk=256)
+    config = get_config("small", gene_num=1500)
     fast = PerformerLM(config, pos_table=torch.randn(config.seq_len, config.dim, dtype=torch.float64)).eval()
-    reference = PerformerLM(get_config("small", gene_num=1500, attention="reference")).eval()
+    reference = PerformerLM(get_config("small", gene_num=1500)).eval()
     reference.load_state_dict(fast.state_dict())
     tokens = torch.randint(0, 6, (2, config.seq_len))
     with torch.no_grad():
-        assert (fast(tokens) - reference(tokens)).abs().max().item() <= 1e-4
+        with execution(chunk=256):
+            fast_out = fast(tokens)
+        with execution(path="reference"):
+            assert (fast_out - reference(tokens)).abs().max().item() <= 1e-4
 
 
 def exact_softmax_attention(q, k, v):
@@ -294,11 +294,12 @@ def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(7)
     config = get_config("tiny", gene_num=60, feature_redraw_interval=0)
     plain = PerformerLM(config, pos_table=torch.randn(config.seq_len, config.dim, dtype=torch.float64)).train()
-    ckpt = PerformerLM(get_config("tiny", gene_num=60, feature_redraw_interval=0, grad_checkpoint=True)).train()
+    ckpt = PerformerLM(get_config("tiny", gene_num=60, feature_redraw_interval=0)).train()
     ckpt.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, 6, (2, config.seq_len))
-    for m in (plain, ckpt):
-        m(tokens).logsumexp(-1).sum().backward()
+    for m, grad_checkpoint in ((plain, False), (ckpt, True)):
+        with execution(grad_checkpoint=grad_checkpoint):
+            m(tokens).logsumexp(-1).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-6), name
