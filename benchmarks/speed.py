@@ -14,7 +14,7 @@ default allocator and environment, torch's default threads. Configurations:
   peer106-fp32, peer114-fp32                     fp32, eager (peer106-fp32 = the published code as run)
   peer106-bf16, peer114-bf16                     torch.autocast bf16
   peer106-compiled-bf16, peer114-compiled-bf16   torch.compile(model) + autocast bf16
-  ours-default    as the scripts ship it: fast path (fused chunked layers), bf16 autocast where the
+  ours-default    as the scripts ship it: the kernels/ engine (fused chunked layers), bf16 autocast where the
                   CPU has bf16 matmuls (fp32 otherwise), chunk steps torch.compile'd automatically
                   for sequences >= 2,048, glibc told to reuse freed memory (train_utils.
                   reuse_freed_memory, which every script calls at start)
@@ -38,6 +38,16 @@ Quick subset (a few minutes):     python benchmarks/speed.py --quick
 Writes benchmarks/results_speed.md (or --out) and a JSON log in benchmarks/out/. Needs
 performer-pytorch 1.0.6 installed and 1.1.4 in benchmarks/out/pp114 (pip install --no-deps --target
 benchmarks/out/pp114 performer-pytorch==1.1.4) for the peer114-* rows.
+
+Before/after a change (about 25 minutes):  python benchmarks/speed.py --compare REV
+ours-default at commit REV (checked out in a git worktree under benchmarks/out/) against the working
+tree, same weights and inputs, in alternating child processes (--compare_runs of each, one after the
+other, so drift in the machine's load hits both alike): inference at 2,048 genes, batch 1 and 4,
+a training step at 2,048 genes, batch 1 and 4, and inference at 16,906 genes, batch 1. Each child
+reports the median over --repeats calls after a warm-up (and one child per side is run first, not
+counted, to warm the compile cache); the table gives the ratio of the medians over the children
+(new / old, < 1 is faster) and each side's spread (max / min, and Q3 / Q1, over its children).
+Writes benchmarks/results_compare.md (or --out).
 """
 from __future__ import annotations
 
@@ -125,13 +135,13 @@ def prepare_inputs(genes: int, cells: int) -> dict:
 # child: one configuration, one task
 
 
-def build_model(spec: dict, genes: int, weights: str):
+def build_model(spec: dict, genes: int, weights: str, tree: Path = ROOT):
     import torch
     from torch import nn
 
     state = torch.load(weights, weights_only=True)
     if spec["impl"] == "ours":
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(tree))
         import model as ours
         from train_utils import reuse_freed_memory
 
@@ -254,6 +264,102 @@ def child(args) -> dict:
         result["train"] = {"min": min(times), "median": statistics.median(times)}
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return result
+
+
+def compare_child(args) -> dict:
+    """One (tree, task, batch) of --compare: the median seconds per cell over --repeats calls."""
+    import torch
+
+    net = build_model(CONFIGS["ours-default"], args.genes, args.weights, Path(args.tree))
+    from train_utils import resolve_amp
+
+    bf16 = resolve_amp("auto", torch.device("cpu")) == "bf16"
+    tokens = torch.load(args.tokens, weights_only=True)[: args.batch]
+    if args.task == "infer":
+        net.eval()
+
+        def call():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return net(tokens)
+        warm_up = 1
+    else:
+        net.train()
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        masked, labels = mask_for_pretraining(tokens, torch.Generator().manual_seed(1))
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = net(masked)
+            torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        warm_up = 2  # the second step still allocates Adam's state
+    for _ in range(warm_up):
+        call()
+    times = [timed_once(call) / args.batch for _ in range(args.repeats)]
+    return {"tree": args.tree, "task": args.task, "genes": args.genes, "batch": args.batch,
+            "median": statistics.median(times), "times": times}
+
+
+COMPARE_CASES = (("infer", 2048, 1), ("infer", 2048, 4), ("train", 2048, 1), ("train", 2048, 4), ("infer", 16906, 1))
+
+
+def compare_trees(args) -> None:
+    """--compare REV: REV's tree against the working tree, alternating child processes."""
+    old = OUT / f"compare_{args.compare}"
+    if not old.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.compare], check=True,
+                       capture_output=True)
+    trees = {"old": old, "new": ROOT}
+    revs = {name: subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() for name, tree in trees.items()}
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    revs["new"] += " + uncommitted changes" if dirty else ""
+    log = OUT / f"compare_{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    rows = []
+    for task, genes, batch in COMPARE_CASES:
+        inputs = prepare_inputs(genes, cells=batch)
+        medians = {"old": [], "new": []}
+        # run -1 warms the inductor cache of each side (a cold compilation is not what is compared)
+        for run in range(-1, args.compare_runs):
+            for name in ("old", "new") if run % 2 == 0 else ("new", "old"):
+                if args.quiet > 0:
+                    wait_until_quiet(args)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--config", "compare", "--task", task,
+                       "--genes", str(genes), "--batch", str(batch), "--repeats", str(args.repeats), "--weights",
+                       inputs["weights"], "--tokens", inputs["tokens"], "--tree", str(trees[name])]
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SCBERT_"))}
+                env["PYTHONPATH"] = str(trees[name])
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    sys.exit(f"{name} {task} {genes} b={batch} failed: {(proc.stderr or proc.stdout)[-2000:]}")
+                result = json.loads(lines[-1][len("RESULT "):])
+                if run < 0:
+                    continue
+                medians[name].append(result["median"])
+                with log.open("a") as f:
+                    f.write(json.dumps({**result, "side": name, "run": run}) + "\n")
+                print(json.dumps({"side": name, "task": task, "genes": genes, "batch": batch,
+                                  "median_s_per_cell": round(result["median"], 4)}), flush=True)
+        old_med, new_med = statistics.median(medians["old"]), statistics.median(medians["new"])
+        spread = {k: max(v) / min(v) for k, v in medians.items()}
+        quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for k, v in medians.items()}
+        iqr = {k: q[2] / q[0] for k, q in quartiles.items()}
+        rows.append(f"| {task} | {genes:,} | {batch} | {old_med:.4f} | {new_med:.4f} | {new_med / old_med:.3f} "
+                    f"| {spread['old']:.3f} / {spread['new']:.3f} | {iqr['old']:.3f} / {iqr['new']:.3f} |")
+    lines = ["# Speed before and after a change (benchmarks/speed.py --compare)", "",
+             f"Command: `{args.command}`  ",
+             f"Old: {revs['old']}; new: {revs['new']}. ours-default (as the scripts run the model: bf16 autocast "
+             f"where the CPU has bf16 matmuls, compile auto), {args.compare_runs} alternating child processes per "
+             f"side and case, each the median of {args.repeats} calls after a warm-up; {os.cpu_count()} CPUs, "
+             f"torch's default threads.", "",
+             "| task | genes | batch | old s/cell (median) | new s/cell (median) | new / old | spread old / new "
+             "(max / min) | quartile ratio old / new (Q3 / Q1) |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"JSON log: {log}")
 
 
 def profile(fn) -> str:
@@ -479,7 +585,11 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"2,048 genes, {', '.join(QUICK_CONFIGS)}, batch 1 only, 2 repeats, no profile")
     parser.add_argument("--no_profile", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results_speed.md"))
+    parser.add_argument("--out", default=None, help="report (default benchmarks/results_speed.md, "
+                        "or results_compare.md with --compare)")
+    parser.add_argument("--compare", default=None, metavar="REV",
+                        help="time ours at git revision REV against the working tree instead (see above)")
+    parser.add_argument("--compare_runs", type=int, default=5, help="child processes per side and case (--compare)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     parser.add_argument("--quiet", type=float, default=0.15,
                         help="before each child, wait until other processes use fewer cores than this (0: don't)")
@@ -489,11 +599,18 @@ def parse_args(argv=None):
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    default_out = "results_compare.md" if args.compare else "results_speed.md"
+    args.out = args.out or str(ROOT / "benchmarks" / default_out)
     if args.child:
         args.genes = int(args.genes)
-        args.batches = [int(b) for b in args.batches.split(",") if b]
+        args.batches = [int(b) for b in (args.batches or "").split(",") if b]
+        return args
+    if args.compare:
+        args.repeats = args.repeats or 3
         return args
     args.genes = [int(g) for g in (args.genes or ("2048" if args.quick else "16906,2048")).split(",")]
     args.configs = (args.configs.split(",") if args.configs else (QUICK_CONFIGS if args.quick else list(CONFIGS)))
@@ -511,10 +628,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        result = matmul_peak(args) if args.config == "matmul" else child(args)
-        print("RESULT " + json.dumps(result))
+        runner = {"matmul": matmul_peak, "compare": compare_child}.get(args.config, child)
+        print("RESULT " + json.dumps(runner(args)))
         return
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        compare_trees(args)
+        return
     if any(CONFIGS[c].get("version") == "1.1.4" for c in args.configs) and not PP114.exists():
         sys.exit(f"performer-pytorch 1.1.4 is not in {PP114}: pip install --no-deps --target {PP114} "
                  "performer-pytorch==1.1.4 (or leave out the peer114-* configurations)")
