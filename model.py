@@ -375,11 +375,18 @@ class Performer(nn.Module):
         self.net = Layers(config)
         self.feature_redraw_interval = config.feature_redraw_interval
         self.execution_overrides = dict(config.execution_overrides)  # deprecated config keywords
+        # The published counter is a buffer (checkpoints carry it); forwards count in a Python int and
+        # write it to the buffer, since reading a tensor would stall a GPU at every step.
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+        self.calls = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module.read_counter())
         # Redraws use their own generator seeded from (redraw_seed, redraw_count), so every DDP rank
         # draws the same matrices without communicating, and a resumed run continues the sequence.
         self.redraw_seed = 0
         self.redraw_count = 0
+
+    def read_counter(self) -> None:
+        self.calls = int(self.calls_since_last_redraw)
 
     def redraw_projections(self) -> None:
         generator = torch.Generator().manual_seed(self.redraw_seed * 1_000_003 + self.redraw_count)
@@ -393,11 +400,12 @@ class Performer(nn.Module):
         the interval (and reset it, without counting this call), otherwise count the call."""
         if not self.training or not self.feature_redraw_interval:
             return
-        if int(self.calls_since_last_redraw) >= self.feature_redraw_interval:
+        if self.calls >= self.feature_redraw_interval:
             self.redraw_projections()
-            self.calls_since_last_redraw.zero_()
-            return
-        self.calls_since_last_redraw += 1
+            self.calls = 0
+        else:
+            self.calls += 1
+        self.calls_since_last_redraw.fill_(self.calls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_redraw()

@@ -17,7 +17,7 @@ import torch
 
 from kernels import favor as _favor
 from kernels.layer import LayerWeights, fused_layer
-from kernels.plan import chunk_length, make_plan
+from kernels.plan import chunk_length, plan_pass
 from kernels.settings import ExecutionSettings, execution, get_execution, set_execution, settings_from_environment
 
 __all__ = ["ExecutionSettings", "LayerWeights", "chunk_length", "execution", "favor_attention", "fused_layer",
@@ -27,5 +27,6 @@ __all__ = ["ExecutionSettings", "LayerWeights", "chunk_length", "execution", "fa
 def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     """Non-causal FAVOR+ with positive random features: model.favor_attention_reference without the
     (b, h, n, m) feature maps. q, k, v (b, n, h, d) of any strides; projection (m, d)."""
-    plan = make_plan(get_execution(), q.device, q.shape[0], q.shape[1])
+    b, n, h, _ = q.shape
+    plan = plan_pass(q.device, b, n, h, projection.shape[0], q.dtype)
     return _favor.favor_attention(q, k, v, projection, plan)

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from kernels.plan import Plan, chunk_dims, chunk_step, run_groups, sum_parts
+from kernels.plan import Plan, autocast_off, chunk_dims, chunk_step, run_groups, sum_parts
 
 KERNEL_EPS = 1e-4  # added to every feature, as published (model.KERNEL_EPS; a test checks they agree)
 
@@ -45,6 +45,24 @@ class QueryInputs(NamedTuple):
     eps_s: torch.Tensor  # (b, h) eps sum_j s_j
 
 
+class KeyMax(NamedTuple):
+    """Where a cell's key maximum M was attained, for its gradient (a training forward records it)."""
+
+    value: torch.Tensor  # (b,) M
+    count: torch.Tensor  # (b,) how many entries (position, head, feature) equal M
+    where: torch.Tensor  # (b, 3) one of them: position, head, feature
+
+
+class KeyChunk(NamedTuple):
+    """What a key step returns: the sums with its chunk, the chunk's maximum and, when tracked, how
+    often and (first) where it is attained, as a flat index over the chunk's (h, c, m)."""
+
+    sums: KeySums
+    chunk_max: torch.Tensor  # (b,) in the accumulation dtype
+    count: torch.Tensor | None  # (b,)
+    argmax: torch.Tensor | None  # (b,)
+
+
 class FavorState(NamedTuple):
     """What a forward leaves for its backward."""
 
@@ -52,7 +70,8 @@ class FavorState(NamedTuple):
     k_sum: torch.Tensor  # (b, h, m) s, eps terms included
     v_sum: torch.Tensor  # (b, h, d)
     key_max: torch.Tensor  # (b,)
-    chunk_maxima: torch.Tensor  # (b, chunks) each chunk's largest key projection
+    tie_count: torch.Tensor  # (b,) entries equal to the key maximum
+    argmax: torch.Tensor  # (b, 3) position, head, feature of one of them
     den: torch.Tensor  # (b, h, n) the queries' normalisers f^T s
 
 
@@ -63,6 +82,7 @@ class KeyGradInputs(NamedTuple):
     d_context_lp: torch.Tensor  # (b, h, m, d) d loss / dC in the compute dtype
     d_k_sum: torch.Tensor  # (b, h, m)
     d_eps_v: torch.Tensor  # (b, h, d) eps sum_j dC_j
+    tie_share: torch.Tensor  # (b,) d loss / dM over the tie count for cells with tied maxima, else 0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,20 +97,27 @@ def scaled_projection(projection: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 # the maths of one chunk
 
 
-def favor_keys(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sums: KeySums) -> tuple[KeySums, torch.Tensor]:
-    """Adds a chunk of keys. k, v (b, h, c, d); w (m, d) = c W -> (sums with this chunk, the chunk's
-    maximum (b,)). v_sum is left to the caller (it may have v in another layout)."""
+def favor_keys(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sums: KeySums, track: bool = False) -> KeyChunk:
+    """Adds a chunk of keys. k, v (b, h, c, d); w (m, d) = c W. v_sum is left to the caller (it may
+    have v in another layout). track: also count and locate the chunk's maximum (for training)."""
     acc = sums.context.dtype
     d = k.shape[-1]
     p = torch.matmul(k, w.t())  # (b, h, c, m)
-    chunk_max = p.flatten(1).amax(1).to(acc)
+    count = argmax = None
+    if track:
+        flat = p.flatten(1)
+        chunk_max_lp, argmax = flat.max(1)  # the first index of the maximum
+        count = (flat == chunk_max_lp[:, None]).sum(1)
+        chunk_max = chunk_max_lp.to(acc)
+    else:
+        chunk_max = p.flatten(1).amax(1).to(acc)
     new_max = torch.maximum(sums.key_max, chunk_max)
     a = k.to(acc).square().sum(-1, keepdim=True) * (0.5 * d**-0.5)  # (b, h, c, 1)
     e = torch.exp(p.to(acc) - a - new_max[:, None, None, None]).to(k.dtype)
     rescale = torch.exp(sums.key_max - new_max)
     context = torch.addcmul(torch.matmul(e.transpose(-1, -2), v).to(acc), sums.context, rescale[:, None, None, None])
     k_sum = torch.addcmul(e.sum(2, dtype=acc), sums.k_sum, rescale[:, None, None])
-    return KeySums(new_max, context, k_sum, sums.v_sum), chunk_max
+    return KeyChunk(KeySums(new_max, context, k_sum, sums.v_sum), chunk_max, count, argmax)
 
 
 def favor_queries(q: torch.Tensor, w: torch.Tensor, keys: QueryInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +165,9 @@ def favor_queries_grad(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, den:
 
 def favor_keys_grad(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grads: KeyGradInputs):
     """k, v (b, h, c, d) -> (dk, dv) in the accumulation dtype. The gradient through the key maximum
-    M is added by the caller (`key_max_hits`)."""
+    M goes here to the entries equal to M in cells whose maximum is tied (found against the stored
+    M, so a recomputed projection that differs in the last bit misses its share); a single maximum
+    gets it from the caller, at the place the forward recorded (`key_max_gradient`)."""
     acc = grads.d_k_sum.dtype
     cdt = k.dtype
     d = k.shape[-1]
@@ -146,44 +175,29 @@ def favor_keys_grad(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grads: Ke
     p = torch.matmul(k, w.t())
     kf = k.to(acc)
     a = kf.square().sum(-1, keepdim=True) * (0.5 * c2)
-    e = torch.exp(p.to(acc) - a - grads.key_max[:, None, None, None])
+    p_over_max = p.to(acc) - grads.key_max[:, None, None, None]
+    e = torch.exp(p_over_max - a)
     d_feat = torch.matmul(v, grads.d_context_lp.transpose(-1, -2)).to(acc) + grads.d_k_sum[:, :, None, :]  # (b,h,c,m)
     d_expo = d_feat * e
-    row_sum = d_expo.sum(-1, keepdim=True)
-    dk = torch.matmul(d_expo.to(cdt), w).to(acc) - (row_sum * c2) * kf
+    row_sum = d_expo.sum(-1, keepdim=True)  # d a / dk takes the features' gradient only, not M's
+    d_proj = torch.where(p_over_max == 0, d_expo + grads.tie_share[:, None, None, None], d_expo)
+    dk = torch.matmul(d_proj.to(cdt), w).to(acc) - (row_sum * c2) * kf
     dv = torch.matmul(e.to(cdt), grads.d_context_lp).to(acc) + grads.d_eps_v[:, :, None, :]
     return dk, dv
 
 
-def key_max_gradient(d_context: torch.Tensor, d_k_sum: torch.Tensor, state: FavorState, n: int) -> torch.Tensor:
-    """d loss / dM (b,): M enters every key feature as exp(-M), so it is minus the contraction of
-    the sums' gradients with their exp parts (the sums without their eps terms)."""
-    return -((d_context * (state.context - KERNEL_EPS * state.v_sum[:, :, None, :])).sum((1, 2, 3))
-             + (d_k_sum * (state.k_sum - KERNEL_EPS * n)).sum((1, 2)))
-
-
-def key_max_hits(cell_keys: Callable[[int, slice], torch.Tensor], w: torch.Tensor, state: FavorState,
-                 d_max: torch.Tensor, chunks: tuple[slice, ...]) -> list[tuple[int, int, int, torch.Tensor]]:
-    """Where the gradient through M goes: (cell, position, head, d loss / dk (d,)) for every entry
-    whose key projection equals M; ties share it, as torch.amax shares it. Only chunks whose
-    maximum was M are recomputed. cell_keys(cell, rows) -> that cell's keys (1, h, c, d) in the
-    compute dtype."""
-    hits = []
-    key_max = state.key_max
-    for cell in range(key_max.shape[0]):
-        found = []
-        for index in (state.chunk_maxima[cell] == key_max[cell]).nonzero().flatten().tolist():
-            rows = chunks[index]
-            p = torch.matmul(cell_keys(cell, rows), w.t())[0]  # (h, c, m)
-            where = (p.to(key_max.dtype) == key_max[cell]).nonzero()
-            if len(where) == 0:  # the recomputed projection differs in the last bit: take its argmax
-                flat = int(p.argmax())
-                where = torch.tensor([[flat // (p.shape[1] * p.shape[2]), flat // p.shape[2] % p.shape[1],
-                                       flat % p.shape[2]]])
-            found += [(rows.start + i, head, j) for head, i, j in where.tolist()]
-        hits += [(cell, position, head, d_max[cell] / len(found) * w[feature].to(d_max.dtype))
-                 for position, head, feature in found]
-    return hits
+def key_max_gradient(d_context: torch.Tensor, d_k_sum: torch.Tensor, state: FavorState,
+                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / dM, split as torch.amax splits it: M enters every key feature as exp(-M), so its
+    gradient is minus the contraction of the sums' gradients with their exp parts (the sums
+    without their eps terms). -> (the share of each tied entry in cells whose maximum is tied, the
+    whole gradient in cells with one maximum), both (b,) and 0 for the other kind of cell: the
+    first goes to the entries in the key pass, the second to the recorded place."""
+    d_max = -((d_context * (state.context - KERNEL_EPS * state.v_sum[:, :, None, :])).sum((1, 2, 3))
+              + (d_k_sum * (state.k_sum - KERNEL_EPS * n)).sum((1, 2)))
+    tied = state.tie_count > 1
+    zero = torch.zeros_like(d_max)
+    return torch.where(tied, d_max / state.tie_count, zero), torch.where(tied, zero, d_max)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,32 +210,54 @@ def _empty_key_sums(b: int, h: int, m: int, d: int, acc: torch.dtype, device) ->
                    torch.zeros(b, h, m, dtype=acc, device=device), torch.zeros(b, h, d, dtype=acc, device=device))
 
 
-def _merge_key_sums(parts: list[tuple[KeySums, dict]]) -> tuple[KeySums, torch.Tensor]:
-    """Combines the threads' sums onto their common maximum; -> (sums, chunk maxima (b, chunks))."""
+def _merge_key_max(a: KeyMax, b: KeyMax) -> KeyMax:
+    """The maximum of two parts, how often it is attained in both, and one place of it."""
+    value = torch.maximum(a.value, b.value)
+    in_a, in_b = a.value == value, b.value == value
+    count = torch.where(in_a, a.count, 0) + torch.where(in_b, b.count, 0)
+    return KeyMax(value, count, torch.where(in_a[:, None], a.where, b.where))
+
+
+def _chunk_key_max(chunk: KeyChunk, rows: slice, h: int, m: int) -> KeyMax:
+    c = rows.stop - rows.start
+    head, rest = chunk.argmax // (c * m), chunk.argmax % (c * m)
+    return KeyMax(chunk.chunk_max, chunk.count, torch.stack((rows.start + rest // m, head, rest % m), 1))
+
+
+def _merge_key_sums(parts: list[tuple[KeySums, KeyMax | None]]) -> tuple[KeySums, KeyMax | None]:
+    """Combines the threads' sums onto their common maximum."""
     key_max = torch.stack([sums.key_max for sums, _ in parts]).amax(0)
     scales = [torch.exp(sums.key_max - key_max) for sums, _ in parts]
     context = sum(sums.context * s[:, None, None, None] for (sums, _), s in zip(parts, scales))
     k_sum = sum(sums.k_sum * s[:, None, None] for (sums, _), s in zip(parts, scales))
-    maxima = {i: m for _, chunk_maxima in parts for i, m in chunk_maxima.items()}
-    return (KeySums(key_max, context, k_sum, sum(sums.v_sum for sums, _ in parts)),
-            torch.stack([maxima[i] for i in sorted(maxima)], 1))
+    tracked = parts[0][1]
+    for _, other in parts[1:]:
+        tracked = _merge_key_max(tracked, other) if tracked is not None else None
+    return KeySums(key_max, context, k_sum, sum(sums.v_sum for sums, _ in parts)), tracked
 
 
-def forward_two_pass(plan: Plan, key_chunk: Callable[[slice, KeySums], tuple[KeySums, torch.Tensor]],
+def forward_two_pass(plan: Plan, key_chunk: Callable[[slice, KeySums], KeyChunk],
                      query_chunk: Callable[[slice, QueryInputs], None], sizes: tuple[int, int, int, int],
-                     n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The keys, then the queries, over the plan's chunks and threads. key_chunk(rows, sums) -> (sums
-    with those rows, their maximum); query_chunk(rows, QueryInputs) writes its outputs itself.
-    sizes = (b, h, m, d). -> (the key sums, C and s with their eps terms; the chunk maxima (b, chunks))."""
+                     n: int, dtype: torch.dtype, device, track: bool = False) -> tuple[KeySums, KeyMax | None]:
+    """The keys, then the queries, over the plan's chunks and threads. key_chunk(rows, sums) ->
+    KeyChunk (tracked when `track`); query_chunk(rows, QueryInputs) writes its outputs itself.
+    sizes = (b, h, m, d). -> (the key sums, C and s with their eps terms; where M was attained)."""
     acc = accumulation_dtype(dtype)
+    b, h, m, _ = sizes
 
     def keys(group):
-        sums, maxima = _empty_key_sums(*sizes, acc, device), {}
-        for index, rows in group:
-            sums, maxima[index] = key_chunk(rows, sums)
-        return sums, maxima
+        sums, tracked = _empty_key_sums(*sizes, acc, device), None
+        if track:
+            tracked = KeyMax(sums.key_max, torch.zeros(b, dtype=torch.long, device=device),
+                             torch.zeros(b, 3, dtype=torch.long, device=device))
+        for _, rows in group:
+            chunk = key_chunk(rows, sums)
+            sums = chunk.sums
+            if track:
+                tracked = _merge_key_max(tracked, _chunk_key_max(chunk, rows, h, m))
+        return sums, tracked
 
-    sums, chunk_maxima = _merge_key_sums(run_groups(keys, plan))
+    sums, tracked = _merge_key_sums(run_groups(keys, plan))
     context = sums.context + KERNEL_EPS * sums.v_sum[:, :, None, :]
     k_sum = sums.k_sum + KERNEL_EPS * n
     inputs = QueryInputs(context.to(dtype), k_sum, KERNEL_EPS * context.sum(2), KERNEL_EPS * k_sum.sum(2))
@@ -231,20 +267,24 @@ def forward_two_pass(plan: Plan, key_chunk: Callable[[slice, KeySums], tuple[Key
             query_chunk(rows, inputs)
 
     run_groups(queries, plan)
-    return KeySums(sums.key_max, context, k_sum, sums.v_sum), chunk_maxima
+    return KeySums(sums.key_max, context, k_sum, sums.v_sum), tracked
+
+
+def favor_state(sums: KeySums, tracked: KeyMax, den: torch.Tensor) -> FavorState:
+    return FavorState(sums.context, sums.k_sum, sums.v_sum, sums.key_max, tracked.count, tracked.where, den)
 
 
 def backward_two_pass(plan: Plan, state: FavorState, n: int, dtype: torch.dtype, query_grad_group: Callable,
-                      key_grad_group: Callable, cell_keys: Callable[[int, slice], torch.Tensor], w: torch.Tensor,
-                      add_key_max_hits: Callable[[list], None]) -> tuple[tuple, tuple]:
+                      key_grad_group: Callable, add_single_max_gradient: Callable[[torch.Tensor], None]):
     """The queries' gradients, then the keys'. query_grad_group(group) -> (partial results, d
-    context, d k_sum) of its chunks; then add_key_max_hits(hits) places the gradient through the
-    key maximum (see key_max_hits); key_grad_group(group, KeyGradInputs) -> partial results. ->
-    (the query groups' partials summed, the key groups' partials summed)."""
+    context, d k_sum) of its chunks; add_single_max_gradient(d_max) places the gradient through a
+    single key maximum at the recorded place, state.argmax ((b,) with 0 in cells with tied maxima);
+    key_grad_group(group, KeyGradInputs) -> partial results. -> (the query groups' partials summed,
+    the key groups' partials summed)."""
     query_parts, d_context, d_k_sum = sum_parts(run_groups(query_grad_group, plan))
-    d_max = key_max_gradient(d_context, d_k_sum, state, n)
-    add_key_max_hits(key_max_hits(cell_keys, w, state, d_max, plan.chunks))
-    grads = KeyGradInputs(state.key_max, d_context.to(dtype), d_k_sum, KERNEL_EPS * d_context.sum(2))
+    tie_share, single = key_max_gradient(d_context, d_k_sum, state, n)
+    add_single_max_gradient(single)
+    grads = KeyGradInputs(state.key_max, d_context.to(dtype), d_k_sum, KERNEL_EPS * d_context.sum(2), tie_share)
     key_parts = sum_parts(run_groups(lambda group: key_grad_group(group, grads), plan))
     return query_parts, key_parts
 
@@ -254,11 +294,11 @@ def backward_two_pass(plan: Plan, state: FavorState, n: int, dtype: torch.dtype,
 
 
 @chunk_dims(k_c=1, v_c=1)
-def _attention_keys_step(k_c, v_c, w, sums: KeySums):
+def _attention_keys_step(k_c, v_c, w, sums: KeySums, track: bool = False):
     """k_c, v_c (b, c, h, d) slices."""
     k, v = k_c.transpose(1, 2), v_c.transpose(1, 2)
-    sums, chunk_max = favor_keys(k, v, w, sums)
-    return sums._replace(v_sum=sums.v_sum + v.sum(2, dtype=sums.context.dtype)), chunk_max
+    chunk = favor_keys(k, v, w, sums, track)
+    return chunk._replace(sums=chunk.sums._replace(v_sum=sums.v_sum + v.sum(2, dtype=sums.context.dtype)))
 
 
 @chunk_dims(q_c=1)
@@ -281,8 +321,9 @@ def _attention_keys_grad_step(k_c, v_c, w, grads: KeyGradInputs):
     return dk.transpose(1, 2).to(k_c.dtype), dv.transpose(1, 2).to(k_c.dtype)
 
 
-def _attention_forward(q, k, v, w, plan: Plan) -> tuple[torch.Tensor, FavorState]:
-    """q, k, v (b, n, h, d) of any strides; w (m, d) = c W in their dtype -> (out (b, n, h, d), state)."""
+def _attention_forward(q, k, v, w, plan: Plan, training: bool) -> tuple[torch.Tensor, FavorState | None]:
+    """q, k, v (b, n, h, d) of any strides; w (m, d) = c W in their dtype -> (out (b, n, h, d), the
+    state for the backward if training)."""
     b, n, h, d = q.shape
     key_step = chunk_step(_attention_keys_step, plan)
     query_step = chunk_step(_attention_queries_step, plan)
@@ -292,9 +333,9 @@ def _attention_forward(q, k, v, w, plan: Plan) -> tuple[torch.Tensor, FavorState
     def query_chunk(rows, inputs):
         out[:, rows], den[:, :, rows] = query_step(q[:, rows], w, inputs)
 
-    sums, maxima = forward_two_pass(plan, lambda rows, sums: key_step(k[:, rows], v[:, rows], w, sums), query_chunk,
-                                    (b, h, w.shape[0], d), n, q.dtype, q.device)
-    return out, FavorState(sums.context, sums.k_sum, sums.v_sum, sums.key_max, maxima, den)
+    sums, tracked = forward_two_pass(plan, lambda rows, sums: key_step(k[:, rows], v[:, rows], w, sums, training),
+                                     query_chunk, (b, h, w.shape[0], d), n, q.dtype, q.device, training)
+    return out, favor_state(sums, tracked, den) if training else None
 
 
 class _FavorFunction(torch.autograd.Function):
@@ -302,7 +343,7 @@ class _FavorFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, plan):
-        out, state = _attention_forward(q, k, v, w, plan)
+        out, state = _attention_forward(q, k, v, w, plan, training=True)
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, w, out, *state)
         return out
@@ -331,11 +372,11 @@ class _FavorFunction(torch.autograd.Function):
                 dk[:, rows], dv[:, rows] = key_step(k[:, rows], v[:, rows], w, grads)
             return ()
 
-        hits = []
-        cell_keys = lambda cell, rows: k[cell : cell + 1, rows].transpose(1, 2)  # noqa: E731
-        backward_two_pass(plan, state, n, q.dtype, queries, keys, cell_keys, w, hits.extend)
-        for cell, position, head, d_key in hits:  # after the key pass, which writes dk
-            dk[cell, position, head] += d_key.to(dk.dtype)
+        single = []
+        backward_two_pass(plan, state, n, q.dtype, queries, keys, single.append)
+        cells, (position, head, feature) = torch.arange(len(dk), device=dk.device), state.argmax.unbind(1)
+        d_key = single[0][:, None] * w[feature].to(single[0].dtype)  # after the key pass, which writes dk
+        dk.index_put_((cells, position, head), d_key.to(dk.dtype), accumulate=True)
         return dq, dk, dv, None, None
 
 
@@ -343,7 +384,7 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
                     plan: Plan) -> torch.Tensor:
     """model.favor_attention_reference over the plan's chunks; q, k, v (b, n, h, d) of any strides."""
     w = scaled_projection(projection, q.dtype)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return _FavorFunction.apply(q, k, v, w, plan)
-        return _attention_forward(q, k, v, w, plan)[0]
+        return _attention_forward(q, k, v, w, plan, training=False)[0]

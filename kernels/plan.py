@@ -1,16 +1,22 @@
 """How one pass of the chunked engine runs: its chunks of the sequence, the threads they are spread
 over, whether the chunk steps are compiled, and whether a fused layer keeps its large activations
-for the backward. `make_plan` derives all of it from the settings and the input's size; a forward
-stores its plan so that its backward runs the same chunks."""
+for the backward. `make_plan` derives all of it from the settings, the device type, the input's
+size and, on a GPU, its free memory; a forward stores its plan so that its backward runs the same
+chunks.
+
+A CPU pass uses cache-sized chunks spread over the cores. A GPU pass uses as few chunks as its
+memory budget allows (each chunk is a handful of kernel launches per step, and a GPU wants large
+ones), on the calling thread, and keeps activations when they fit in a share of the free memory."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from kernels.settings import ExecutionSettings
+from kernels.settings import ExecutionSettings, get_execution
 
 # Positions (over the batch) per chunk: temporaries stay cache-sized.
 DEFAULT_CHUNK = 1024
@@ -27,6 +33,14 @@ THREAD_MIN_ROWS = 4096
 # Compiled graphs allowed per step function: one per thread count, batch size, dtype and
 # kept/recomputed backward; past dynamo's default of 8 it would fall back to eager without a word.
 RECOMPILE_LIMIT = 64
+# GPU: a pass may use this share of the free memory (what the settings' memory_budget replaces);
+# half of it for one chunk's temporaries, an eighth for what a layer keeps for its backward.
+GPU_MEMORY_SHARE = 0.5
+# GPU temporaries per (position, head, feature) of a chunk: the backward's projections, exponentials
+# and their gradients in float32 live together (an estimate, which the budget's margins absorb).
+GPU_FEATURE_MAPS = 6
+# When a CUDA plan is asked for on another device (settings.plan_device), it assumes an H100/H200.
+ASSUMED_GPU_MEMORY = 80 * 2**30
 
 
 class Plan(NamedTuple):
@@ -34,10 +48,21 @@ class Plan(NamedTuple):
     workers: int  # threads the chunks are spread over (1: the calling thread)
     compile: bool  # run the chunk steps through torch.compile
     keep: bool  # a fused layer keeps q, k, v and the hidden layer for its backward
+    device_type: str = "cpu"  # what the plan was made for ("cpu" or "cuda"): the compiler's options
 
 
 def chunk_length(settings: ExecutionSettings) -> int:
     return settings.chunk or DEFAULT_CHUNK
+
+
+def equal_slices(n: int, count: int) -> tuple[slice, ...]:
+    """`count` consecutive slices of near-equal length covering range(n)."""
+    count = max(1, min(count, n))
+    base, extra = divmod(n, count)
+    bounds = [0]
+    for i in range(count):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return tuple(slice(start, stop) for start, stop in zip(bounds, bounds[1:]))
 
 
 def split_sequence(n: int, chunk: int, batch: int = 1, workers: int = 1) -> tuple[slice, ...]:
@@ -48,29 +73,75 @@ def split_sequence(n: int, chunk: int, batch: int = 1, workers: int = 1) -> tupl
     count = -(-n // chunk)
     if workers > 1 and n >= 64 * workers:
         count = -(-count // workers) * workers
-    base, extra = divmod(n, count)
-    bounds = [0]
-    for i in range(count):
-        bounds.append(bounds[-1] + base + (i < extra))
-    return tuple(slice(start, stop) for start, stop in zip(bounds, bounds[1:]))
+    return equal_slices(n, count)
 
 
-def make_plan(settings: ExecutionSettings, device: torch.device, batch: int, positions: int,
-              keep_bytes_needed: int | None = None) -> Plan:
-    """The plan of a pass over a (batch, positions, ...) input. keep_bytes_needed: what a fused
-    layer in training would keep (None: nothing to keep)."""
-    if device.type != "cpu":
-        workers = 1  # chunk threads exist to share a CPU's cores
-    elif settings.threads is not None:
-        workers = settings.threads
-    else:
-        workers = torch.get_num_threads() if batch * positions >= THREAD_MIN_ROWS else 1
+def make_plan(settings: ExecutionSettings, device_type: str, batch: int, positions: int, heads: int, features: int,
+              dtype: torch.dtype, free_memory: int | None = None, keep_bytes_needed: int | None = None) -> Plan:
+    """The plan of a pass over a (batch, positions, ...) input with `heads` x `features` random
+    features per position, computed in `dtype`. free_memory: bytes free on the GPU (None: unknown;
+    not used on a CPU). keep_bytes_needed: what a fused layer in training would keep (None: nothing
+    to keep, as in inference). A pure function of its arguments."""
+    device_type = settings.plan_device or device_type
     compile_steps = settings.compile == "on" or (settings.compile == "auto" and positions >= COMPILE_MIN_LEN)
-    budget = settings.keep_bytes
-    if budget is None:
-        budget = 0 if settings.grad_checkpoint else KEEP_MAX_BYTES
-    keep = keep_bytes_needed is not None and keep_bytes_needed <= budget
-    return Plan(split_sequence(positions, chunk_length(settings), batch, workers), workers, compile_steps, keep)
+    keep_budget = 0 if settings.grad_checkpoint else None
+    keep_budget = settings.keep_bytes if settings.keep_bytes is not None else keep_budget
+    if device_type != "cuda":
+        if settings.threads is not None:
+            workers = settings.threads
+        else:
+            workers = torch.get_num_threads() if batch * positions >= THREAD_MIN_ROWS else 1
+        chunks = split_sequence(positions, chunk_length(settings), batch, workers)
+        keep_budget = KEEP_MAX_BYTES if keep_budget is None else keep_budget
+    else:  # a GPU: one thread, as few chunks as the memory allows
+        workers = 1
+        budget = settings.memory_budget
+        if budget is None:
+            budget = int(GPU_MEMORY_SHARE * (ASSUMED_GPU_MEMORY if free_memory is None else free_memory))
+        if settings.chunk is not None:
+            chunks = split_sequence(positions, settings.chunk, batch)
+        else:
+            per_position = heads * features * GPU_FEATURE_MAPS * max(accumulation_bytes(dtype), 4)
+            chunks = equal_slices(positions, -(-batch * positions * per_position // max(budget // 2, 1)))
+        keep_budget = budget // 8 if keep_budget is None else keep_budget
+    keep = keep_bytes_needed is not None and keep_bytes_needed <= keep_budget
+    return Plan(chunks, workers, compile_steps, keep, device_type)
+
+
+def plan_pass(device: torch.device, batch: int, positions: int, heads: int, features: int, dtype: torch.dtype,
+              keep_bytes_needed: int | None = None) -> Plan:
+    """The plan of a pass that starts now: the settings in force on this thread, the GPU's free memory."""
+    settings = get_execution()
+    planned_for_gpu = (settings.plan_device or device.type) == "cuda"
+    free = free_gpu_memory(device) if planned_for_gpu else None
+    return make_plan(settings, device.type, batch, positions, heads, features, dtype, free, keep_bytes_needed)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype where it is on for x's device, else x's own."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """The engine chooses its dtypes itself (meta tensors have no autocast)."""
+    available = torch.amp.is_autocast_available(device.type)
+    return torch.autocast(device.type, enabled=False) if available else contextlib.nullcontext()
+
+
+def accumulation_bytes(dtype: torch.dtype) -> int:
+    return 4 if dtype in (torch.float16, torch.bfloat16) else dtype.itemsize
+
+
+def free_gpu_memory(device: torch.device) -> int | None:
+    """Bytes a pass on this CUDA device can still have: the driver's free memory plus what torch's
+    caching allocator holds unused (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,15 +181,17 @@ def run_groups(fn: Callable[[list[tuple[int, slice]]], Any], plan: Plan) -> list
 
 
 def sum_parts(parts: list) -> tuple:
-    """Element-wise sum of the groups' tuples of tensors (nested tuples too; NamedTuples stay so)."""
-    sums = [sum_parts(items) if isinstance(items[0], tuple) else sum(items) for items in zip(*parts)]
+    """Element-wise sum of the groups' tuples of tensors (nested tuples too; NamedTuples stay so; None
+    stays None)."""
+    sums = [sum_parts(items) if isinstance(items[0], tuple) else None if items[0] is None else sum(items)
+            for items in zip(*parts)]
     return type(parts[0])(*sums) if hasattr(parts[0], "_fields") else tuple(sums)
 
 
 # --------------------------------------------------------------------------------------------------
 # compiled chunk steps
 
-_compiled_steps: dict[Any, Any] = {}  # (step, threads) -> compiled step
+_compiled_steps: dict[Any, Any] = {}  # (step, device type, threads) -> compiled step
 _failed_steps: set = set()  # steps whose compilation failed: eager from then on
 
 
@@ -145,17 +218,19 @@ def chunk_step(fn: Callable, plan: Plan) -> Callable:
     def run(*args):
         if fn in _failed_steps:  # another chunk's compilation failed: dynamo would retry on every call
             return fn(*args)
-        threads = torch.get_num_threads()
-        if (fn, threads) not in _compiled_steps:
-            _compiled_steps[fn, threads] = torch.compile(
-                fn, dynamic=False, options={"cpp.threads": threads, "cpp_wrapper": True})
+        threads = torch.get_num_threads() if plan.device_type == "cpu" else 0
+        key = (fn, plan.device_type, threads)
+        if key not in _compiled_steps:
+            # the C++ options are the CPU backend's; on a GPU inductor's defaults (Triton kernels)
+            options = {"cpp.threads": threads, "cpp_wrapper": True} if plan.device_type == "cpu" else {}
+            _compiled_steps[key] = torch.compile(fn, dynamic=False, options=options)
             dynamo_config = torch._dynamo.config  # raised, never lowered: other code may rely on more
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         for index, axis in fn.chunk_dims.items():
             if index < len(args):  # optional chunk inputs may be left out
                 torch._dynamo.maybe_mark_dynamic(args[index], axis)
         try:
-            return _compiled_steps[fn, threads](*args)
+            return _compiled_steps[key](*args)
         except Exception as err:  # stay correct, warn once
             if fn not in _failed_steps:
                 warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "

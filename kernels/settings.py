@@ -49,6 +49,12 @@ class ExecutionSettings:
     # store as little as possible in training: module-path layers are recomputed in the backward
     # (torch.utils.checkpoint) and fused layers keep nothing beyond their inputs (unless keep_bytes)
     grad_checkpoint: bool = False
+    # bytes a GPU pass may use for one chunk's temporaries and what it keeps for its backward
+    # (None: half the GPU's free memory)
+    memory_budget: int | None = None
+    # plan passes as for this device type ("cpu" or "cuda"; None: the input's): to look at, or test,
+    # the CUDA plan on CPU tensors
+    plan_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -59,8 +65,12 @@ class ExecutionSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.keep_bytes is not None and (not isinstance(self.keep_bytes, int) or self.keep_bytes < 0):
-            raise ValueError(f"keep_bytes must be a non-negative integer or None, got {self.keep_bytes!r}")
+        for name in ("keep_bytes", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+        if self.plan_device not in (None, "cpu", "cuda"):
+            raise ValueError(f"plan_device must be 'cpu', 'cuda' or None, got {self.plan_device!r}")
 
 
 _process_settings = ExecutionSettings()

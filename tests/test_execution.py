@@ -79,28 +79,57 @@ def test_settings_select_the_engine_or_the_plain_modules(monkeypatch, residual):
     assert kernels.favor.KERNEL_EPS == model.KERNEL_EPS  # the engine computes the published features
 
 
-def test_the_plan_obeys_explicit_settings_and_chooses_otherwise():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+def plan(settings, device_type, batch, positions, keep_bytes_needed=None, free_memory=None):
+    """make_plan at the published widths: 10 heads of 266 features, bf16."""
+    return make_plan(settings, device_type, batch, positions, 10, 266, torch.bfloat16, free_memory, keep_bytes_needed)
+
+
+def test_the_cpu_plan_obeys_explicit_settings_and_chooses_otherwise():
     default = ExecutionSettings()
     torch_threads = torch.get_num_threads()
-    short, long = make_plan(default, cpu, 1, 1000), make_plan(default, cpu, 1, COMPILE_MIN_LEN)
+    short, long = plan(default, "cpu", 1, 1000), plan(default, "cpu", 1, COMPILE_MIN_LEN)
     assert not short.compile and long.compile
-    assert short.workers == 1 and make_plan(default, cpu, 4, 2049).workers == torch_threads
+    assert short.workers == 1 and plan(default, "cpu", 4, 2049).workers == torch_threads
     assert max(s.stop - s.start for s in short.chunks) <= DEFAULT_CHUNK
-    assert make_plan(default, cpu, 1, 1000, KEEP_MAX_BYTES).keep and not make_plan(default, cpu, 1, 1000,
-                                                                                 KEEP_MAX_BYTES + 1).keep
-    assert not make_plan(default, cpu, 1, 1000).keep  # nothing to keep in inference
-    assert make_plan(ExecutionSettings(compile="on"), cpu, 1, 10).compile
-    assert not make_plan(ExecutionSettings(compile="off"), cpu, 1, 10**5).compile
-    assert make_plan(ExecutionSettings(threads=3), cpu, 1, 200).workers == 3
-    assert make_plan(ExecutionSettings(threads=3), cuda, 1, 10**5).workers == 1
-    assert make_plan(ExecutionSettings(chunk=100), cpu, 1, 1000).chunks[0] == slice(0, 100)
-    assert not make_plan(ExecutionSettings(grad_checkpoint=True), cpu, 1, 1000, 1).keep
-    assert make_plan(ExecutionSettings(grad_checkpoint=True, keep_bytes=10), cpu, 1, 1000, 10).keep
+    assert plan(default, "cpu", 1, 1000, KEEP_MAX_BYTES).keep and not plan(default, "cpu", 1, 1000,
+                                                                           KEEP_MAX_BYTES + 1).keep
+    assert not plan(default, "cpu", 1, 1000).keep  # nothing to keep in inference
+    assert plan(ExecutionSettings(compile="on"), "cpu", 1, 10).compile
+    assert not plan(ExecutionSettings(compile="off"), "cpu", 1, 10**5).compile
+    assert plan(ExecutionSettings(threads=3), "cpu", 1, 200).workers == 3
+    assert plan(ExecutionSettings(chunk=100), "cpu", 1, 1000).chunks[0] == slice(0, 100)
+    assert not plan(ExecutionSettings(grad_checkpoint=True), "cpu", 1, 1000, 1).keep
+    assert plan(ExecutionSettings(grad_checkpoint=True, keep_bytes=10), "cpu", 1, 1000, 10).keep
     with pytest.raises(ValueError, match="path"):
         ExecutionSettings(path="flash")
     with pytest.raises(ValueError, match="threads"), execution(threads=0):
         pass
+
+
+def test_the_cuda_plan_takes_few_large_chunks_on_one_thread_within_its_memory():
+    """The plan's GPU decisions need no GPU: a device type and a free-memory figure."""
+    default, gib = ExecutionSettings(), 2**30
+    n = 16907  # the published sequence
+    for batch in (8, 16, 64):
+        gpu = plan(default, "cuda", batch, n, free_memory=80 * gib)
+        assert gpu.device_type == "cuda" and gpu.workers == 1 and gpu.compile
+        assert 1 <= len(gpu.chunks) <= 8 and gpu.chunks[-1].stop == n
+        temporaries = batch * max(s.stop - s.start for s in gpu.chunks) * 10 * 266 * 4 * 6
+        assert temporaries <= 0.25 * 80 * gib  # half of the budget, itself half the free memory
+    assert len(plan(default, "cuda", 8, n, free_memory=80 * gib).chunks) == 1
+    few = plan(default, "cuda", 64, n, free_memory=8 * gib)
+    assert len(few.chunks) > len(plan(default, "cuda", 64, n, free_memory=80 * gib).chunks)
+    assert len(plan(ExecutionSettings(memory_budget=gib), "cuda", 64, n, free_memory=80 * gib).chunks) > 8
+    kept = 8 * n * (3 * 640 + 800) * 2  # q, k, v and the hidden layer of one layer, bf16, batch 8
+    assert plan(default, "cuda", 8, n, kept, free_memory=80 * gib).keep  # fits in an eighth of 40 GiB
+    assert not plan(default, "cuda", 8, n, kept, free_memory=4 * gib).keep  # an eighth of 2 GiB
+    assert not plan(ExecutionSettings(grad_checkpoint=True), "cuda", 8, n, kept, free_memory=80 * gib).keep
+    assert plan(ExecutionSettings(threads=4), "cuda", 1, 10**5).workers == 1  # threads are a CPU setting
+    explicit = plan(ExecutionSettings(chunk=4096), "cuda", 1, n).chunks  # explicit wins
+    assert len(explicit) == 5 and max(s.stop - s.start for s in explicit) <= 4096
+    assert plan(ExecutionSettings(compile="off"), "cuda", 8, n).compile is False
+    forced = plan(ExecutionSettings(plan_device="cuda"), "cpu", 64, n)  # no free-memory figure: 80 GiB assumed
+    assert forced.device_type == "cuda" and forced.chunks == plan(default, "cuda", 64, n, free_memory=80 * gib).chunks
 
 
 def test_blocks_nest_and_override_the_process_settings(restore_process_settings):

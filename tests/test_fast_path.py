@@ -202,10 +202,9 @@ def test_frozen_layers_build_no_graph_and_trainable_layers_get_module_path_gradi
 
 def test_short_inputs_run_on_the_calling_thread(two_threads):
     with execution(threads=None):  # the engine's own choice
-        settings = kernels.get_execution()
-        cpu = torch.device("cpu")
-        assert make_plan(settings, cpu, 1, 2049).workers == 1 and make_plan(settings, cpu, 2, 2049).workers == 2
-        assert make_plan(settings, cpu, 1, 16907).workers == 2
+        workers = lambda b, n: make_plan(kernels.get_execution(), "cpu", b, n, 10, 266, torch.bfloat16).workers  # noqa: E731
+        assert workers(1, 2049) == 1 and workers(2, 2049) == 2
+        assert workers(1, 16907) == 2
 
 
 def test_chunks_cover_the_sequence_without_a_tiny_tail():
@@ -276,7 +275,7 @@ def test_compiled_steps_equal_eager_steps(backward_path):
             compiled_out, compiled = loss_and_grads(net, tokens)
     steps = (engine_layer._layer_keys_step, engine_layer._layer_queries_step, engine_layer._layer_queries_grad_step,
              engine_layer._layer_keys_grad_step)
-    assert all((step, 1) in engine_plan._compiled_steps for step in steps) and not engine_plan._failed_steps
+    assert all((step, "cpu", 1) in engine_plan._compiled_steps for step in steps) and not engine_plan._failed_steps
     assert torch.allclose(compiled_out, eager_out, atol=1e-5)
     for name in eager:  # relative to the largest entry: compiled kernels sum in another order
         scale = eager[name].abs().max().item() + 1e-30
