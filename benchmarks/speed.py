@@ -137,7 +137,6 @@ def prepare_inputs(genes: int, cells: int) -> dict:
 
 def build_model(spec: dict, genes: int, weights: str, tree: Path = ROOT):
     import torch
-    from torch import nn
 
     state = torch.load(weights, weights_only=True)
     if spec["impl"] == "ours":
@@ -150,16 +149,28 @@ def build_model(spec: dict, genes: int, weights: str, tree: Path = ROOT):
         net = ours.PerformerLM(ours.get_config("scbert", gene_num=genes))
         net.load_state_dict(state)
         return net
+    sys.path.insert(0, str(ROOT))
+    from model import get_config
+
+    return peer_model(state, get_config("scbert", gene_num=genes), spec["version"])
+
+
+def peer_model(state: dict, config, version: str = "1.0.6"):
+    """performer-pytorch's PerformerLM with our weights (config: our ModelConfig of them): 1.0.6 takes
+    the state dict as is, 1.1.4 with its keys mapped. The Gene2Vec table becomes a float64
+    Embedding.from_pretrained, as scBERT builds it."""
+    from torch import nn
     import performer_pytorch as pp
 
-    assert pp.__file__.find("pp114") >= 0 if spec["version"] == "1.1.4" else True, pp.__file__
-    kwargs = dict(num_tokens=7, max_seq_len=genes + 1, dim=200, depth=6, heads=10, dim_head=64, nb_features=266,
+    assert pp.__file__.find("pp114") >= 0 if version == "1.1.4" else True, pp.__file__
+    kwargs = dict(num_tokens=config.num_tokens, max_seq_len=config.seq_len, dim=config.dim, depth=config.depth,
+                  heads=config.heads, dim_head=config.dim_head, nb_features=config.nb_features,
                   rotary_position_emb=False, axial_position_emb=False)
-    if spec["version"] == "1.1.4":
+    if version == "1.1.4":
         kwargs["attn_out_bias"] = True
     net = pp.PerformerLM(**kwargs)
     net.pos_emb.emb = nn.Embedding.from_pretrained(state["pos_emb.emb.weight"])  # float64, frozen (scBERT)
-    if spec["version"] == "1.1.4":
+    if version == "1.1.4":
         mapped = {}
         for key, value in state.items():
             if key == "performer.calls_since_last_redraw":
