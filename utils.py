@@ -1,6 +1,7 @@
 """The one module the scripts import. It re-exports the public names of
 
-- data_utils.py: reading data, input detection, gene panels, binning, masking, datasets, splits, Gene2Vec;
+- data_utils.py: reading data, input detection, gene panels, binning, masking, datasets, splits;
+- gene2vec.py: Gene2Vec embeddings (load, train from co-expression, save);
 - train_utils.py: distributed setup, precision, schedule, checkpoints, RNG state, metrics log, plots;
 
 and holds the little glue that composes them the same way in every script.
@@ -13,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from data_utils import *  # noqa: F401,F403  (the data API, InputError included)
-from data_utils import InputError, load_gene2vec, save_gene2vec, train_gene2vec
+from data_utils import InputError
+from gene2vec import coexpression_pairs, load_gene2vec, save_gene2vec, train_gene2vec  # noqa: F401
 from train_utils import *  # noqa: F401,F403
 from train_utils import DistContext, barrier
 
