@@ -11,6 +11,7 @@ predictions.csv, metrics.json, confusion_matrix.png (with labels), umap.png and 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import report_utils
 import utils
 from utils import log_normalised
 from report_utils import UNASSIGNED
+
+logger = logging.getLogger("scbert")
 
 OUTPUT_FILES = ("predictions.h5ad", "predictions.csv", "metrics.json", "confusion_matrix.png", "umap.png",
                 "gene_importance.csv")
@@ -86,7 +89,7 @@ def checkpoint_classes(ckpt: dict[str, Any], n_outputs: int, label_names_path: s
     elif ckpt.get("label_names"):
         names, source = [str(s) for s in ckpt["label_names"]], "the checkpoint's label names"
     else:
-        print(f"note: the checkpoint carries no cell-type names; calling them class_0..class_{n_outputs - 1} "
+        logger.info(f"note: the checkpoint carries no cell-type names; calling them class_0..class_{n_outputs - 1} "
               f"(pass --label_names to name them)")
         return [f"class_{i}" for i in range(n_outputs)]
     if len(names) != n_outputs:
@@ -127,7 +130,7 @@ def scored_cells(adata: Any, ckpt: dict[str, Any], all_cells: bool) -> tuple[np.
     if all_cells:
         return np.arange(adata.n_obs), True, "all cells of the fine-tuning data (--all_cells: includes training cells)"
     if "test" not in splits:
-        print("note: the checkpoint records no held-out test cells; scoring all cells")
+        logger.info("note: the checkpoint records no held-out test cells; scoring all cells")
         return np.arange(adata.n_obs), True, "all cells (the checkpoint records no test split)"
     test = np.sort(np.asarray(splits["test"], dtype=np.int64))
     if len(test) == 0:
@@ -141,7 +144,7 @@ def true_labels(adata: Any, label_key: str, explicit: bool) -> np.ndarray | None
     if label_key not in adata.obs.columns:
         if explicit:
             columns = ", ".join(map(str, adata.obs.columns[:12])) or "none"
-            print(f"note: no column '{label_key}' in the data's obs (it has: {columns}); annotating without scores")
+            logger.info(f"note: no column '{label_key}' in the data's obs (it has: {columns}); annotating without scores")
         return None
     column = adata.obs[label_key]
     values = column.astype(object).to_numpy()
@@ -242,14 +245,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise utils.InputError(f"{data_name} holds no cells to annotate; pass a non-empty dataset")
     aligned = utils.align_to_panel(adata, panel, input_format=input_format)
     overlap = dict(aligned.uns["scbert_panel_overlap"])
-    print(f"data: {data_name}, {adata.n_obs} cells x {adata.n_vars} genes ({input_format}); "
+    logger.info(f"data: {data_name}, {adata.n_obs} cells x {adata.n_vars} genes ({input_format}); "
           f"{overlap['found']} of {overlap['total']} panel genes found ({overlap['found'] / overlap['total']:.1%})")
-    print(f"model: {args.model_path} ({len(classes)} cell types, {config.gene_num} genes, dim {config.dim}, "
+    logger.info(f"model: {args.model_path} ({len(classes)} cell types, {config.gene_num} genes, dim {config.dim}, "
           f"depth {config.depth}); scoring {len(rows)} cells: {scope}; precision {precision.mode} on {device.type}")
     if len(panel) >= 10000:  # the published >= 200 expressed genes rule was made for a 16,906-gene panel
         low = int((utils.expressed_gene_counts(aligned.X[rows]) < 200).sum())
         if low:
-            print(f"note: {low} of {len(rows)} cells have fewer than 200 expressed panel genes (the published "
+            logger.info(f"note: {low} of {len(rows)} cells have fewer than 200 expressed panel genes (the published "
                   f"quality filter); they are annotated, but less reliably")
 
     label_key = args.label_key or ckpt.get("label_key") or "celltype"
@@ -269,7 +272,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threshold = args.unassign_thres if args.novel_type else None
     labels = report_utils.assign_labels(probabilities, classes, threshold)
     confidence = probabilities.max(axis=1)
-    print(f"annotated {len(rows)} cells in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} cells/s)"
+    logger.info(f"annotated {len(rows)} cells in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} cells/s)"
           + (f"; {int((labels == UNASSIGNED).sum())} Unassigned (confidence < {threshold})" if threshold else ""))
 
     # scores
@@ -286,21 +289,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         scores = report_utils.classification_metrics(truth[labelled], labels[labelled], classes)
         metrics.update({k: v for k, v in scores.items() if k not in ("n_cells", "n_unassigned")})
         metrics["n_labelled_cells"] = int(labelled.sum())
-        print(f"scBERT: accuracy {fmt(scores['accuracy'])}, macro-F1 {fmt(scores['macro_f1'])}, weighted F1 "
+        logger.info(f"scBERT: accuracy {fmt(scores['accuracy'])}, macro-F1 {fmt(scores['macro_f1'])}, weighted F1 "
               f"{fmt(scores['weighted_f1'])} on {scores['n_known_label_cells']} cells with known types")
         for name, info in scores["unknown_labels"].items():
-            print(f"  type unknown to the model: {name}: {info['n_cells']} cells, {info['n_unassigned']} Unassigned")
+            logger.info(f"  type unknown to the model: {name}: {info['n_cells']} cells, {info['n_unassigned']} Unassigned")
     else:
         metrics.update(accuracy=None, macro_f1=None, weighted_f1=None, per_class={}, unknown_labels={})
         if truth is not None:
-            print(f"note: column '{label_key}' has no labels for the scored cells; annotating without scores")
+            logger.info(f"note: column '{label_key}' has no labels for the scored cells; annotating without scores")
     if args.baseline:
         base_pred, base_info = run_baseline(aligned, input_format, truth_all, ckpt.get("splits") or {}, rows,
                                             args.seed)
         base_scores = report_utils.classification_metrics(truth[labelled], base_pred[labelled], classes)
         metrics["baseline"] = {**base_info, **{k: base_scores[k] for k in
                                                ("accuracy", "macro_f1", "weighted_f1", "per_class")}}
-        print(report_utils.comparison_table(
+        logger.info(report_utils.comparison_table(
             {"scBERT": metrics, "L1 LogReg": metrics["baseline"]},
             [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("weighted_f1", "weighted F1")]))
 
@@ -310,12 +313,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         importance = report_utils.gene_importance(
             model, dataset, labels, classes, panel, device, top_n=args.top_genes,
             max_cells=args.importance_cells, batch_size=min(batch_size, 16), seed=args.seed, show_progress=True)
-        print(f"gene importance: {importance['cell_type'].nunique()} cell types in {time.time() - t1:.1f} s")
+        logger.info(f"gene importance: {importance['cell_type'].nunique()} cell types in {time.time() - t1:.1f} s")
     coordinates = None
     if args.umap:
         coordinates = report_utils.umap_coordinates(embedding, seed=args.seed)
         if coordinates is None:
-            print("note: too few cells for a UMAP; umap.png is not written")
+            logger.info("note: too few cells for a UMAP; umap.png is not written")
 
     # outputs, all at once
     scored = adata[rows].copy()
@@ -357,7 +360,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if importance is not None:
         writers["gene_importance.csv"] = lambda path: importance.to_csv(path, index=False)
     written = report_utils.write_outputs(out_dir, writers, stale=OUTPUT_FILES)
-    print(f"wrote {', '.join(p.name for p in written)} to {out_dir} ({time.time() - started:.0f} s in all)")
+    logger.info(f"wrote {', '.join(p.name for p in written)} to {out_dir} ({time.time() - started:.0f} s in all)")
     return metrics
 
 

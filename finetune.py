@@ -13,9 +13,10 @@ label names, gene panel and split indices that evaluate.py needs) and ckpts/fine
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import utils
 from model import PRESETS, PerformerLM, get_config
 
 DEFAULT_PRETRAINED = Path("ckpts") / "pretrain.pth"
+logger = logging.getLogger("scbert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +191,7 @@ def predict(model, dataset, batch_size: int, ctx, precision, num_workers: int,
     return utils.gather_arrays(np.concatenate(preds), ctx), utils.gather_arrays(np.concatenate(truth), ctx)
 
 
-def warn_if_head_is_dead(head_input: list[float], ctx, log) -> None:
+def warn_if_head_is_dead(head_input: list[float], ctx, log: Callable[[str], None] = logger.warning) -> None:
     """The published head scores each gene (a dim -> 1 projection), then a ReLU. If training drives
     every score below 0, the ReLU passes only zeros, no gradient reaches the layers below and the
     model predicts one class for ever (seen at --learning_rate 1e-3, with and without
@@ -278,7 +280,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
         totals = utils.all_reduce_sum(totals, ctx)
         head_input: list[float] = []
         valid = scores(*predict(model, valid_set, args.batch_size, ctx, precision, args.num_workers, head_input))
-        warn_if_head_is_dead(head_input, ctx, log)
+        warn_if_head_is_dead(head_input, ctx)
         improved = valid["macro_f1"] > best
         best, bad_epochs = (valid["macro_f1"], 0) if improved else (best, bad_epochs + 1)
         row = {"epoch": epoch, "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],
@@ -300,7 +302,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
                          ("valid_acc", "accuracy (valid)"), ("valid_macro_f1", "macro-F1 (valid)")],
                          "scBERT fine-tuning")
         utils.barrier(ctx)
-    utils.check_ranks_agree(model, ctx, log)
+    utils.check_ranks_agree(model, ctx)
     if bad_epochs >= args.patience:
         log(f"early stop: no better validation macro-F1 in {args.patience} epochs")
     log(f"best validation macro-F1 {best:.4f}: {best_path}")
@@ -312,7 +314,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
 
 def main(args: argparse.Namespace) -> Path:
     ctx = utils.setup_distributed(args.device)
-    log = utils.Logger(ctx.is_main)
+    log = logger.info
     ckpt_dir = Path(args.ckpt_dir)
     start, start_path = starting_checkpoint(args, log)
 
@@ -357,7 +359,7 @@ def main(args: argparse.Namespace) -> Path:
         else:
             config = get_config(args.model, gene_num=len(panel), bin_num=args.bin_num,
                                 pos_embed="gene2vec" if args.pos_embed else "none")
-            table = (utils.gene2vec_table(args, aligned, panel, config.dim, ctx, log, ckpt_dir, input_format)
+            table = (utils.gene2vec_table(args, aligned, panel, config.dim, ctx, ckpt_dir, input_format)
                      if args.pos_embed else None)
             model = PerformerLM(config, pos_table=table)
             model.set_redraw_seed(args.seed)

@@ -9,6 +9,7 @@ Writes ckpts/pretrain.pth every epoch (atomically), pretrain_metrics.csv and pre
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 
 import utils
 from model import PerformerLM, get_config, PRESETS
+
+logger = logging.getLogger("scbert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +80,7 @@ def masked_step(model, batch, args, mask_id, generator, device, precision):
 
 def main(args: argparse.Namespace) -> Path:
     ctx = utils.setup_distributed(args.device)
-    log = utils.Logger(ctx.is_main)
+    log = logger.info
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_path = ckpt_dir / "pretrain.pth"
     if args.resume and not ckpt_path.exists():
@@ -115,7 +118,7 @@ def main(args: argparse.Namespace) -> Path:
         config = get_config(args.model, gene_num=len(panel), bin_num=args.bin_num,
                             pos_embed="gene2vec" if args.pos_embed else "none",
                             grad_checkpoint=args.grad_checkpoint)
-        table = utils.gene2vec_table(args, aligned, panel, config.dim, ctx, log, ckpt_dir, input_format) if args.pos_embed else None
+        table = utils.gene2vec_table(args, aligned, panel, config.dim, ctx, ckpt_dir, input_format) if args.pos_embed else None
         utils.seed_everything(args.seed)
         model = PerformerLM(config, pos_table=table)
         model.set_redraw_seed(args.seed)
@@ -189,7 +192,7 @@ def main(args: argparse.Namespace) -> Path:
                          [("train_loss", "masked loss (train)"), ("valid_loss", "masked loss (valid)"),
                           ("valid_masked_acc", "masked accuracy (valid)")], "scBERT pretraining")
         utils.barrier(ctx)
-    utils.check_ranks_agree(model, ctx, log)
+    utils.check_ranks_agree(model, ctx)
     log(f"pretrained model: {ckpt_path}")
     utils.cleanup_distributed()
     return ckpt_path

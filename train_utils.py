@@ -25,6 +25,39 @@ from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
 
 # --------------------------------------------------------------------------------------------------
+# the log
+
+logger = logging.getLogger("scbert")  # every module logs here or to a child ("scbert.data", ...)
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to sys.stdout as it is when a message comes, not as it was when the handler was made:
+    pytest swaps sys.stdout per test (capsys), and in-process `main(args)` calls must log there."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _configure_log() -> None:
+    """Rank 0 logs INFO and above to stdout, the other ranks only errors; stderr is left to the
+    `error:` line and progress bars. Read from torchrun's RANK, as `setup_distributed` does, so it
+    holds from the first message on, for the command line and in-process calls alike."""
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
+    logger.propagate = False  # a root handler someone else configures must not print it twice
+
+
+_configure_log()
+
+
+# --------------------------------------------------------------------------------------------------
 # script entry
 
 
@@ -53,10 +86,6 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     with one line on stderr and exit code 2; --debug shows the traceback instead."""
     args = parser.parse_args(argv)
     reuse_freed_memory()
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    # progress notes go to stdout with the rest of the log; stderr keeps only the error line
-    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", stream=sys.stdout,
-                        force=True)
     try:
         return main(args)
     except InputError as err:
@@ -502,18 +531,7 @@ def progress(iterable: Any, enabled: bool, **kwargs: Any) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# loops: loaders, DDP wrapping, reductions, logging
-
-
-class Logger:
-    """print() on rank 0 only."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
+# loops: loaders, DDP wrapping, reductions
 
 
 def check_writable_dir(path: str | os.PathLike) -> Path:
@@ -618,7 +636,7 @@ def summarise_folds(rows: list[dict[str, Any]]) -> Any:
     return pd.concat([table.astype({"fold": str}), pd.DataFrame([mean, sd])], ignore_index=True)
 
 
-def check_ranks_agree(model: nn.Module, ctx: DistContext, log: Callable[[str], None]) -> None:
+def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
     """After distributed training every rank must hold the same weights (DDP averages gradients and
     the random features are redrawn from a shared seed). Compares a checksum of all parameters and
     buffers across ranks and fails loudly if they diverged."""
@@ -633,4 +651,4 @@ def check_ranks_agree(model: nn.Module, ctx: DistContext, log: Callable[[str], N
     dist.all_gather_object(sums, total.tolist())
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"model weights differ between ranks after training: {sums}")
-    log(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")
+    logger.info(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")

@@ -9,7 +9,7 @@ and holds the little glue that composes them the same way in every script.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from data_utils import *  # noqa: F401,F403  (the data API, InputError included)
 from data_utils import InputError
 from gene2vec import coexpression_pairs, load_gene2vec, save_gene2vec, train_gene2vec  # noqa: F401
 from train_utils import *  # noqa: F401,F403
-from train_utils import DistContext, barrier
+from train_utils import DistContext, barrier, logger
 
 
 def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[str]:
@@ -40,8 +40,8 @@ def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[s
     return [genes[i] for i in chosen]
 
 
-def gene2vec_table(args: Any, aligned: Any, panel: list[str], dim: int, ctx: DistContext,
-                   log: Callable[[str], None], out_dir: Path, input_format: str) -> Any:
+def gene2vec_table(args: Any, aligned: Any, panel: list[str], dim: int, ctx: DistContext, out_dir: Path,
+                   input_format: str) -> Any:
     """The frozen positional table (genes + 1, dim) float64: from --gene2vec_path, or trained here from
     the data's gene co-expression (rank 0 trains and saves it beside the checkpoint; all ranks load)."""
     import torch
@@ -50,7 +50,7 @@ def gene2vec_table(args: Any, aligned: Any, panel: list[str], dim: int, ctx: Dis
     if path is None:
         path = Path(out_dir) / f"gene2vec_{dim}.npy"
         if ctx.is_main:
-            log(f"training Gene2Vec-style embeddings ({dim}-d) from the data's gene co-expression "
+            logger.info(f"training Gene2Vec-style embeddings ({dim}-d) from the data's gene co-expression "
                 f"(pass --gene2vec_path to use a published file)")
             vectors, genes = train_gene2vec(aligned, dim=dim, seed=args.seed, input_format=input_format)
             save_gene2vec(path, vectors, genes)
@@ -59,5 +59,5 @@ def gene2vec_table(args: Any, aligned: Any, panel: list[str], dim: int, ctx: Dis
     if table.shape[1] != dim:
         raise InputError(f"the Gene2Vec file {path} has {table.shape[1]}-d vectors but the model is {dim} wide; "
                          f"use --model scbert for 200-d published vectors, or omit --gene2vec_path")
-    log(f"Gene2Vec: {n_found} of {len(panel)} panel genes have a vector ({path})")
+    logger.info(f"Gene2Vec: {n_found} of {len(panel)} panel genes have a vector ({path})")
     return torch.as_tensor(table, dtype=torch.float64)
