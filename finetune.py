@@ -293,7 +293,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
                      "optimizer_state_dict": optimizer.state_dict(), "scheduler_state_dict": scheduler.state_dict(),
                      **setup["meta"], "splits": {k: [int(i) for i in v] for k, v in split.items()},
                      "best_metric": best, "bad_epochs": bad_epochs, "rng_state": utils.rng_state(),
-                     "args": utils.plain_args(args), "metrics": row}
+                     "args": utils.to_plain(vars(args)), "metrics": row}
             if improved:
                 utils.save_checkpoint(best_path, state)
             utils.save_checkpoint(last_path, state)

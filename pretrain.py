@@ -182,7 +182,7 @@ def main(args: argparse.Namespace) -> Path:
                      **utils.model_checkpoint_fields(model),
                      "gene_panel": list(panel), "input_format": input_format,
                      "data_fingerprint": fingerprint, "data_path": args.data_path,
-                     "rng_state": utils.rng_state(), "args": utils.plain_args(args),
+                     "rng_state": utils.rng_state(), "args": utils.to_plain(vars(args)),
                      "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
             utils.save_checkpoint(ckpt_path, state)
             if args.save_every_epoch:

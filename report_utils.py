@@ -6,7 +6,6 @@ Nothing here reads data or checkpoints; evaluate.py hands over arrays, the model
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import pandas as pd
 import torch
 
 from data_utils import InputError
+from train_utils import to_plain
 
 UNASSIGNED = "Unassigned"  # the label of cells below --unassign_thres (--novel_type)
 
@@ -418,15 +418,4 @@ def write_outputs(path: str | os.PathLike, writers: Mapping[str, Callable[[Path]
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    Path(path).write_text(json.dumps(plain(obj), indent=2) + "\n")
+    Path(path).write_text(json.dumps(to_plain(obj, for_json=True), indent=2) + "\n")

@@ -349,17 +349,25 @@ def versions() -> dict[str, str]:
     return {name: str(v) for name, v in found.items()}  # plain str: weights_only loads it
 
 
-def to_plain(obj: Any) -> Any:
-    """numpy scalars and arrays (which weights_only loading refuses) as Python numbers and tensors."""
+def to_plain(obj: Any, for_json: bool = False) -> Any:
+    """obj in the plain types that a weights_only checkpoint (and, with for_json, JSON) accepts:
+    numpy scalars as Python numbers, numpy arrays as tensors (JSON: lists), dicts, lists and tuples
+    converted inside; for JSON also keys as strings and NaN/inf as null. Anything else that is not a
+    number, string, bool, None or tensor becomes its str() (e.g. an argparse value that is a Path)."""
     if isinstance(obj, Mapping):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {(str(k) if for_json else k): to_plain(v, for_json) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(v) for v in obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
+        items = [to_plain(v, for_json) for v in obj]
+        return items if for_json else type(obj)(items)
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    return obj
+        return to_plain(obj.tolist(), for_json) if for_json else torch.from_numpy(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if for_json and isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    return str(obj)
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
@@ -599,11 +607,6 @@ def all_reduce_sum(values: np.ndarray, ctx: DistContext) -> np.ndarray:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
-
-
-def plain_args(args: Any) -> dict[str, Any]:
-    """argparse values as plain types, for a weights_only checkpoint."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
 
 
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, np.ndarray]],
