@@ -206,7 +206,7 @@ def run_baseline(aligned: Any, input_format: str, truth: np.ndarray, splits: dic
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
-    out_dir = report_utils.check_output_dir(args.output_dir)
+    out_dir = utils.check_writable_dir(args.output_dir, "--output_dir", create=False)
     if args.novel_type and not 0.0 < args.unassign_thres <= 1.0:
         raise utils.InputError(f"--unassign_thres {args.unassign_thres} is not a probability in (0, 1]; use e.g. 0.5")
     if (args.batch_size is not None and args.batch_size < 1) or args.top_genes < 1 or args.importance_cells < 1:

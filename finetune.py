@@ -350,7 +350,7 @@ def main(args: argparse.Namespace) -> Path:
     found = aligned.uns["scbert_panel_overlap"]
     log(f"data: {len(rows)} labelled cells of {len(label_names)} types; {found['found']} of {found['total']} "
         f"panel genes found ({input_format} input)")
-    utils.check_writable_dir(ckpt_dir)  # after the inputs are known good: an error leaves nothing behind
+    utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
 
     def build_model() -> PerformerLM:
         utils.seed_everything(args.seed)
@@ -388,7 +388,7 @@ def cross_validate(args, ctx, log, setup, splits, ckpt_dir: Path) -> Path:
     rows = []
     for k, split in enumerate(splits):
         log(f"--- fold {k + 1} of {len(splits)} ---")
-        result = train_split(args, ctx, log, setup, split, utils.check_writable_dir(ckpt_dir / f"fold{k}"))
+        result = train_split(args, ctx, log, setup, split, utils.check_writable_dir(ckpt_dir / f"fold{k}", "--ckpt_dir"))
         model, _ = utils.load_checkpoint(result["best_path"])
         model.to(ctx.device)
         test_set = utils.TokenDataset(setup["aligned"], setup["input_format"], model.config.bin_num,

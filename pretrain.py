@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> Path:
         raise utils.InputError(f"{ckpt_path} was trained on other data than {args.data_path or 'the default data'}; "
                                f"resume with the same --data_path, or start a new run in another --ckpt_dir")
 
-    utils.check_writable_dir(ckpt_dir)  # after the inputs are known good: an error leaves nothing behind
+    utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
 
     # model
     if resume_ckpt is not None:

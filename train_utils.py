@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,16 +543,29 @@ def progress(iterable: Any, enabled: bool, **kwargs: Any) -> Iterator[Any]:
 # loops: loaders, DDP wrapping, reductions
 
 
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Creates the folder if needed and proves it writable before any work starts."""
-    path = Path(path)
+def check_writable_dir(path: str | os.PathLike, flag: str, create: bool = True) -> Path:
+    """Proves before any long work that the folder can be written: a file is written and removed in
+    it, or in its nearest existing parent if it does not exist yet. create=False leaves a missing
+    folder uncreated (evaluate.py creates it with its outputs, all at once); create=True makes it.
+    `flag` names the option to change in the error."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} is an existing file; pass {flag} with a folder path")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create output folder {path} ({ancestor} is a file, not a folder: cannot write "
+                         f"under it); choose another {flag}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".scbert-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"cannot write to {path} ({err.strerror}); choose a writable folder") from None
+        raise InputError(f"cannot write to output folder {path} ({ancestor}: {err.strerror}); "
+                         f"choose a writable {flag}") from None
     return path
 
 
