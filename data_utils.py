@@ -28,7 +28,7 @@ __all__ = [
     "load_gene_panel", "panel_from_data", "align_to_panel",
     "tokenize", "tokenize_matrix", "expressed_gene_counts", "filter_cells_min_genes",
     "mask_expressed_genes", "TokenDataset", "token_loader",
-    "stratified_splits", "stratified_folds", "data_fingerprint", "log_normalised",
+    "read_labels", "obs_columns", "stratified_splits", "stratified_folds", "data_fingerprint", "log_normalised",
 ]
 
 logger = logging.getLogger("scbert.data")
@@ -929,6 +929,28 @@ def token_loader(dataset: TokenDataset, batch_size: int, shuffle: bool = False,
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
     return _TokenLoader(_CompactBatches(dataset), sampler=batches, batch_size=None, num_workers=num_workers,
                         **loader_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------
+
+def read_labels(adata: ad.AnnData, label_key: str) -> np.ndarray | None:
+    """obs[label_key] as strings (an object array, one entry per cell), None for a cell without a
+    label (missing or blank); None for the whole if the data has no such column."""
+    if label_key not in adata.obs.columns:
+        return None
+    values = adata.obs[label_key].astype(object).to_numpy()
+    strings = values.astype(str)
+    missing = pd.isna(values) | (np.char.strip(strings) == "")
+    labels = strings.astype(object)
+    labels[missing] = None
+    return labels
+
+
+def obs_columns(adata: ad.AnnData, most: int = 12) -> str:
+    """The first obs column names, for a message that says which columns the data has."""
+    return ", ".join(map(str, adata.obs.columns[:most])) or "none"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,17 +141,11 @@ def scored_cells(adata: Any, ckpt: dict[str, Any], all_cells: bool) -> tuple[np.
 
 def true_labels(adata: Any, label_key: str, explicit: bool) -> np.ndarray | None:
     """Labels as strings (None where missing), or None without the column."""
-    if label_key not in adata.obs.columns:
-        if explicit:
-            columns = ", ".join(map(str, adata.obs.columns[:12])) or "none"
-            logger.info(f"note: no column '{label_key}' in the data's obs (it has: {columns}); annotating without scores")
-        return None
-    column = adata.obs[label_key]
-    values = column.astype(object).to_numpy()
-    missing = pd.isna(values)
-    values = values.astype(str).astype(object)
-    values[missing] = None
-    return values
+    labels = utils.read_labels(adata, label_key)
+    if labels is None and explicit:
+        logger.info(f"note: no column '{label_key}' in the data's obs (it has: {utils.obs_columns(adata)}); "
+                    f"annotating without scores")
+    return labels
 
 
 # --------------------------------------------------------------------------------------------------

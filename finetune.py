@@ -118,16 +118,14 @@ def choose_panel(args, start: dict | None, start_path: Path | None, adata, input
 
 def read_labels(adata, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """(labelled cell rows, their label strings); cells with a missing label are left out."""
-    if label_key not in adata.obs.columns:
-        columns = ", ".join(map(str, adata.obs.columns[:12])) or "none"
-        raise utils.InputError(f"the data has no obs column {label_key!r} (columns: {columns}); "
+    labels = utils.read_labels(adata, label_key)
+    if labels is None:
+        raise utils.InputError(f"the data has no obs column {label_key!r} (columns: {utils.obs_columns(adata)}); "
                                f"pass --label_key with the column holding the cell types")
-    raw = adata.obs[label_key]
-    present = raw.notna().to_numpy() & (raw.astype(str).str.strip() != "").to_numpy()
-    if present.sum() == 0:
+    rows = np.flatnonzero([label is not None for label in labels])
+    if len(rows) == 0:
         raise utils.InputError(f"obs[{label_key!r}] is empty for every cell; label the cells or pick another column")
-    rows = np.flatnonzero(present)
-    return rows, raw.astype(str).to_numpy()[rows]
+    return rows, labels[rows]
 
 
 def set_trainable(model: PerformerLM, unfreeze: str) -> str:
