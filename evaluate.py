@@ -152,31 +152,6 @@ def true_labels(adata: Any, label_key: str, explicit: bool) -> np.ndarray | None
 # inference
 
 
-@torch.inference_mode()
-def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device,
-            precision: utils.Precision, num_workers: int = 0,
-            show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (cells, classes) and 128-d cell embeddings (cells, 128), float32, in
-    dataset order, batched."""
-    if isinstance(dataset, utils.TokenDataset):  # whole batches tokenised at once; workers send sparse tokens
-        loader = utils.token_loader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             pin_memory=device.type == "cuda")
-    model.eval()
-    probs, embeddings = [], []
-    for batch in utils.progress(loader, show_progress, desc="annotating", total=len(loader)):
-        tokens = batch["tokens"].to(device, non_blocking=True).long()
-        with precision.autocast():
-            logits, embedding = model.classify(tokens)
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-        embeddings.append(embedding.float().cpu())
-    n_classes = model.to_out.n_classes
-    if not probs:
-        return np.zeros((0, n_classes), np.float32), np.zeros((0, 128), np.float32)
-    return torch.cat(probs).numpy(), torch.cat(embeddings).numpy()
-
-
 def run_baseline(aligned: Any, input_format: str, truth: np.ndarray, splits: dict[str, Any], rows: np.ndarray,
                  seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     train = np.asarray(splits.get("train", []), dtype=np.int64)
@@ -261,7 +236,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # predictions
     dataset = utils.TokenDataset(aligned, input_format, config.bin_num, indices=rows)
     t0 = time.time()
-    probabilities, embedding = predict(model, dataset, batch_size, device, precision, args.num_workers)
+    predictions = utils.predict(model, dataset, batch_size, ctx, precision, args.num_workers, show_progress=True)
+    probabilities = torch.softmax(torch.from_numpy(predictions.logits), dim=-1).numpy()
+    embedding = predictions.embeddings
     seconds = time.time() - t0
     threshold = args.unassign_thres if args.novel_type else None
     labels = report_utils.assign_labels(probabilities, classes, threshold)

@@ -158,35 +158,7 @@ def set_trainable(model: PerformerLM, unfreeze: str) -> str:
 # training one split
 
 
-@torch.no_grad()
-def predict(model, dataset, batch_size: int, ctx, precision, num_workers: int,
-            head_input: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, true class) for every cell of the dataset, gathered from all ranks.
-    head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank)."""
-    was_training = model.training
-    model.eval()
-    loader = utils.make_loader(dataset, batch_size, ctx, shuffle=False, seed=0, epoch=0,
-                               num_workers=num_workers, pad=False)
-    counts = [0.0, 0.0]
-
-    def count(module, inputs, out):
-        counts[0] += float((out > 0).sum())
-        counts[1] += out.numel()
-
-    hook = model.to_out.act.register_forward_hook(count)
-    preds, truth = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    try:
-        for batch in loader:
-            with precision.autocast():
-                logits = model(batch["tokens"].to(ctx.device, torch.long))
-            preds.append(logits.argmax(-1).cpu().numpy())
-            truth.append(batch["label"].numpy())
-    finally:
-        hook.remove()
-    model.train(was_training)
-    if head_input is not None:
-        head_input[:] = counts
-    return utils.gather_arrays(np.concatenate(preds), ctx), utils.gather_arrays(np.concatenate(truth), ctx)
+predict = utils.predict  # the shared batched predictor (tests and older code call finetune.predict)
 
 
 def warn_if_head_is_dead(head_input: list[float], ctx, log: Callable[[str], None] = logger.warning) -> None:
@@ -201,7 +173,8 @@ def warn_if_head_is_dead(head_input: list[float], ctx, log: Callable[[str], None
             "--learning_rate (the published 1e-4) or a longer --warmup")
 
 
-def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def scores(predictions: utils.Predictions) -> dict[str, float]:
+    pred, truth = predictions.logits.argmax(-1), predictions.labels
     if len(truth) == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan")}
     return {"accuracy": float(accuracy_score(truth, pred)),
@@ -277,7 +250,7 @@ def train_split(args, ctx, log, setup: dict[str, Any], split: dict[str, np.ndarr
         scheduler.step()
         totals = utils.all_reduce_sum(totals, ctx)
         head_input: list[float] = []
-        valid = scores(*predict(model, valid_set, args.batch_size, ctx, precision, args.num_workers, head_input))
+        valid = scores(predict(model, valid_set, args.batch_size, ctx, precision, args.num_workers, head_input))
         warn_if_head_is_dead(head_input, ctx)
         improved = valid["macro_f1"] > best
         best, bad_epochs = (valid["macro_f1"], 0) if improved else (best, bad_epochs + 1)
@@ -391,7 +364,7 @@ def cross_validate(args, ctx, log, setup, splits, ckpt_dir: Path) -> Path:
         model.to(ctx.device)
         test_set = utils.TokenDataset(setup["aligned"], setup["input_format"], model.config.bin_num,
                                       labels=setup["labels_per_row"], indices=split["test"])
-        test = scores(*predict(model, test_set, args.batch_size, ctx, precision, args.num_workers))
+        test = scores(predict(model, test_set, args.batch_size, ctx, precision, args.num_workers))
         rows.append({"fold": k, "n_test": len(split["test"]), **test})
     table = utils.summarise_folds(rows)
     summary = ckpt_dir / "cv_summary.csv"

@@ -15,7 +15,7 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -640,6 +640,57 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tupl
         totals = stats if totals is None else totals + stats
     optimizer.zero_grad(set_to_none=True)  # nothing accumulated leaks into the next epoch
     return totals if totals is not None else np.zeros(1)
+
+
+class Predictions(NamedTuple):
+    """What the classifier says about each cell (float32), with the dataset's labels (int64) if it has any."""
+    logits: np.ndarray      # (cells, classes)
+    embeddings: np.ndarray  # (cells, 128): the cell embedding the head computes before its last layer
+    labels: np.ndarray | None
+
+
+@torch.no_grad()
+def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext,
+            precision: Precision, num_workers: int = 0, head_input: list[float] | None = None,
+            show_progress: bool = False) -> Predictions:
+    """The classifier's logits and embeddings for every cell of the dataset, batched. Each rank scores
+    its share and all get the whole, rank by rank (dataset order in one process; labels in the same
+    order). head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank)."""
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, batch_size, ctx, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
+                         pad=False)
+    counts = [0.0, 0.0]
+
+    def count(module, inputs, out):
+        counts[0] += float((out > 0).sum())
+        counts[1] += out.numel()
+
+    hook = model.to_out.act.register_forward_hook(count) if head_input is not None else None
+    logits, embeddings, labels = [], [], []
+    try:
+        for batch in progress(loader, show_progress, desc="annotating", total=len(loader)):
+            with precision.autocast():
+                batch_logits, embedding = model.classify(batch["tokens"].to(ctx.device, non_blocking=True).long())
+            logits.append(batch_logits.float().cpu())
+            embeddings.append(embedding.float().cpu())
+            if "label" in batch:
+                labels.append(batch["label"])
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    if head_input is not None:
+        head_input[:] = counts
+
+    def whole(parts: list[torch.Tensor], empty: np.ndarray) -> np.ndarray:
+        # every rank gathers, also one with no cells: the others wait for it
+        return gather_arrays(torch.cat(parts).numpy() if parts else empty, ctx)
+
+    has_labels = bool(labels) or getattr(dataset, "labels", None) is not None
+    return Predictions(whole(logits, np.zeros((0, model.to_out.n_classes), np.float32)),
+                       whole(embeddings, np.zeros((0, 128), np.float32)),
+                       whole(labels, np.zeros(0, np.int64)) if has_labels else None)
 
 
 def summarise_folds(rows: list[dict[str, Any]]) -> Any:
