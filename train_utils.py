@@ -12,6 +12,7 @@ import pickle
 import random
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,15 +291,26 @@ def add_schedule_flags(group: Any) -> None:
     group.add_argument("--lr_decay", type=float, default=0.9, help="peak decay per cycle")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.lr_scheduler.LambdaLR:
+@dataclass(frozen=True)
+class Schedule:
+    """The optimiser and schedule flags of `add_schedule_flags`, as values."""
+    learning_rate: float  # Adam's, and the peak of the schedule
+    min_lr: float         # the floor of the cosine
+    cycle: int            # epochs in the first cosine cycle (each next one twice as long, less the warm-up)
+    warmup: int           # warm-up epochs at the start of each cycle
+    lr_decay: float       # the peak's decay per cycle
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-epoch LambdaLR following `warm_restart_lr` (its state is plain numbers)."""
-    max_lr = args.learning_rate
+    max_lr = schedule.learning_rate
     for group in optimizer.param_groups:
         group["lr"] = max_lr
         group["initial_lr"] = max_lr
 
     def factor(epoch: int) -> float:
-        return warm_restart_lr(epoch, max_lr, args.min_lr, args.cycle, 2.0, args.warmup, args.lr_decay) / max_lr
+        return warm_restart_lr(epoch, max_lr, schedule.min_lr, schedule.cycle, 2.0, schedule.warmup,
+                               schedule.lr_decay) / max_lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -432,6 +444,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
                          f"pass a checkpoint written by pretrain.py/finetune.py or a published scBERT file")
     ckpt = dict(ckpt)
     ckpt["model_state_dict"] = strip_wrapper_prefixes(ckpt["model_state_dict"])
+    return ckpt
+
+
+def resume_point(path: Path, fingerprint: str, data_path: str | None) -> dict[str, Any]:
+    """The checkpoint a --resume run continues from, checked to exist and to come from this data."""
+    if not path.exists():
+        raise InputError(f"--resume found no {path}; run without --resume to start, or point --ckpt_dir at the "
+                         f"folder of the run to continue")
+    ckpt = read_checkpoint(path)
+    if ckpt.get("data_fingerprint") != fingerprint:
+        raise InputError(f"{path} was trained on other data than {data_path or 'the default data'}; resume with "
+                         f"the same --data_path, or start a new run in another --ckpt_dir")
+    logger.info(f"resuming from {path} (epoch {ckpt['epoch']} finished)")
     return ckpt
 
 
@@ -720,3 +745,137 @@ def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"model weights differ between ranks after training: {sums}")
     logger.info(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")
+
+
+# --------------------------------------------------------------------------------------------------
+# the epoch loop both trainers run
+
+LossFn = Callable[[Any], tuple[torch.Tensor, np.ndarray]]  # batch -> (loss, [summed loss, correct, count])
+
+
+@dataclass
+class Training:
+    """A model set up to train, and where its run stands: what the epoch loop steps and updates."""
+    model: nn.Module          # the plain model: validation and checkpoints use it
+    stepped: nn.Module        # the same model, DDP-wrapped in a distributed run: losses call this one
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: Precision
+    first_epoch: int = 1
+    best: float = -1.0        # the best validation score so far (early stopping)
+    bad_epochs: int = 0       # validations since it last improved
+
+
+def prepare_training(model: nn.Module, amp: str, schedule: Schedule, ctx: DistContext,
+                     resume: Mapping[str, Any] | None) -> Training:
+    """Adam over the parameters that require grad, the published schedule and the precision mode;
+    from a resume checkpoint also their states, the next epoch, the early-stopping counts and the
+    RNG states as they were when it was written."""
+    precision = Precision(resolve_amp(amp, ctx.device), ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=schedule.learning_rate)
+    scheduler = make_scheduler(optimizer, schedule)
+    first_epoch, best, bad_epochs = 1, -1.0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer_state_dict"])
+        scheduler.load_state_dict(resume["scheduler_state_dict"])
+        first_epoch = int(resume["epoch"]) + 1
+        best, bad_epochs = float(resume.get("best_metric", best)), int(resume.get("bad_epochs", bad_epochs))
+        set_rng_state(resume["rng_state"])
+    model, optimizer = precision.prepare(model, optimizer)
+    return Training(model, wrap_ddp(model, ctx), params, optimizer, scheduler, precision, first_epoch, best,
+                    bad_epochs)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How the loop steps through the epochs, and when it stops early."""
+    last_epoch: int
+    batch_size: int              # cells per step and process
+    grad_acc: int                # steps per optimiser step
+    clip: float                  # gradient-norm clipping (0: off)
+    seed: int                    # the order of each epoch's cells derives from (seed, epoch)
+    num_workers: int
+    monitor: str | None = None   # a validation score, higher is better: the best checkpoint, early stopping
+    patience: int = 0            # validations without a better `monitor` before the loop stops
+
+
+@dataclass(frozen=True)
+class EpochRecords:
+    """What rank 0 writes after every epoch."""
+    checkpoint: Path                        # the resume point
+    metrics_csv: Path
+    loss_plot: Path
+    plot_series: tuple[tuple[str, str], ...]  # (CSV column, axis label) per panel
+    plot_title: str
+    train_acc_column: str                   # the CSV name of the training accuracy
+    rate_column: bool = False               # also cells_per_s (pretraining's CSV has it)
+    best_checkpoint: Path | None = None     # with a monitor: written whenever it improves
+    keep_every_epoch: bool = False          # also <checkpoint stem>_epoch{N}.pth
+
+
+def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_loss: Callable[[int], LossFn],
+               validate: Callable[[], dict[str, float]], plan: EpochPlan, records: EpochRecords,
+               ctx: DistContext, checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> None:
+    """The epochs of both trainers: one pass over the training cells with the loss `epoch_loss(epoch)`,
+    a schedule step, `validate()` (its scores join the row), a log line, the checkpoints, metrics CSV
+    and plot (rank 0); early stop once `plan.monitor` has not improved for `plan.patience` epochs.
+    checkpoint_fields: what the checkpoint holds beside the model, optimiser, schedule and RNG (data,
+    panel, labels, splits); run_args: the command line. Updates training.best and .bad_epochs."""
+    metrics = MetricsLog(records.metrics_csv, resume_epoch=training.first_epoch - 1)
+    for epoch in range(training.first_epoch, plan.last_epoch + 1):
+        if plan.monitor is not None and training.bad_epochs >= plan.patience:
+            break
+        started = time.time()
+        loader = make_loader(train_set, plan.batch_size, ctx, shuffle=True, seed=plan.seed, epoch=epoch,
+                             num_workers=plan.num_workers)
+        totals = train_one_epoch(training.stepped, loader, epoch_loss(epoch), training.precision, training.optimizer,
+                                 training.params, plan.grad_acc, plan.clip, ctx.is_main, f"epoch {epoch}")
+        lr = training.optimizer.param_groups[0]["lr"]
+        training.scheduler.step()
+        totals = all_reduce_sum(totals, ctx)
+        valid = validate()
+        improved = plan.monitor is not None and valid[plan.monitor] > training.best
+        if plan.monitor is not None:
+            training.best, training.bad_epochs = ((valid[plan.monitor], 0) if improved
+                                                  else (training.best, training.bad_epochs + 1))
+        seconds = time.time() - started
+        row = {"epoch": epoch, "train_loss": totals[0] / max(totals[2], 1),
+               records.train_acc_column: totals[1] / max(totals[2], 1), **valid, "lr": lr,
+               "seconds": round(seconds, 2)}
+        if records.rate_column:
+            row["cells_per_s"] = round(len(train_set) / seconds, 2)
+        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                    + (" *" if improved else ""))
+        if ctx.is_main:
+            state = epoch_checkpoint(training, epoch, row, plan.monitor is not None, checkpoint_fields, run_args)
+            write_epoch_records(records, epoch, state, improved, metrics, row)
+        barrier(ctx)
+    check_ranks_agree(training.model, ctx)
+
+
+def epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
+                     checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint after an epoch: the published keys (epoch, losses, optimiser, schedule, model),
+    what rebuilds the model, `checkpoint_fields`, the early-stopping counts, the RNG states, the
+    command line and the epoch's metrics."""
+    state = {"epoch": epoch, "losses": row["train_loss"],
+             "optimizer_state_dict": training.optimizer.state_dict(),
+             "scheduler_state_dict": training.scheduler.state_dict(),
+             **model_checkpoint_fields(training.model), **checkpoint_fields}
+    if early_stopping:
+        state.update(best_metric=training.best, bad_epochs=training.bad_epochs)
+    return {**state, "rng_state": rng_state(), "args": dict(run_args),
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
+
+
+def write_epoch_records(records: EpochRecords, epoch: int, state: Mapping[str, Any], improved: bool,
+                        metrics: MetricsLog, row: Mapping[str, Any]) -> None:
+    if improved and records.best_checkpoint is not None:
+        save_checkpoint(records.best_checkpoint, state)
+    save_checkpoint(records.checkpoint, state)
+    if records.keep_every_epoch:
+        save_checkpoint(records.checkpoint.with_name(f"{records.checkpoint.stem}_epoch{epoch}.pth"), state)
+    metrics.append(row)
+    metrics.plot(records.loss_plot, list(records.plot_series), records.plot_title)

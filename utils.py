@@ -40,19 +40,20 @@ def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[s
     return [genes[i] for i in chosen]
 
 
-def gene2vec_table(args: Any, aligned: Any, panel: list[str], dim: int, ctx: DistContext, out_dir: Path,
-                   input_format: str) -> Any:
-    """The frozen positional table (genes + 1, dim) float64: from --gene2vec_path, or trained here from
-    the data's gene co-expression (rank 0 trains and saves it beside the checkpoint; all ranks load)."""
+def gene2vec_table(gene2vec_path: str | None, aligned: Any, panel: list[str], dim: int, seed: int,
+                   input_format: str, out_dir: Path, ctx: DistContext) -> Any:
+    """The frozen positional table (genes + 1, dim) float64: from the file at gene2vec_path, or with
+    None trained here from the data's gene co-expression (rank 0 trains it and saves it in out_dir
+    as gene2vec_{dim}.npy + .txt; every rank then loads it)."""
     import torch
 
-    path = args.gene2vec_path
+    path = gene2vec_path
     if path is None:
         path = Path(out_dir) / f"gene2vec_{dim}.npy"
         if ctx.is_main:
             logger.info(f"training Gene2Vec-style embeddings ({dim}-d) from the data's gene co-expression "
-                f"(pass --gene2vec_path to use a published file)")
-            vectors, genes = train_gene2vec(aligned, dim=dim, seed=args.seed, input_format=input_format)
+                        f"(pass --gene2vec_path to use a published file)")
+            vectors, genes = train_gene2vec(aligned, dim=dim, seed=seed, input_format=input_format)
             save_gene2vec(path, vectors, genes)
         barrier(ctx)
     table, n_found = load_gene2vec(path, panel)
