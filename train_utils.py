@@ -849,13 +849,13 @@ def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_lo
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                     + (" *" if improved else ""))
         if ctx.is_main:
-            state = epoch_checkpoint(training, epoch, row, plan.monitor is not None, checkpoint_fields, run_args)
-            write_epoch_records(records, epoch, state, improved, metrics, row)
+            state = _epoch_checkpoint(training, epoch, row, plan.monitor is not None, checkpoint_fields, run_args)
+            _write_epoch_records(records, epoch, state, improved, metrics, row)
         barrier(ctx)
     check_ranks_agree(training.model, ctx)
 
 
-def epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
+def _epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
                      checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint after an epoch: the published keys (epoch, losses, optimiser, schedule, model),
     what rebuilds the model, `checkpoint_fields`, the early-stopping counts, the RNG states, the
@@ -870,7 +870,7 @@ def epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], ear
             "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
 
 
-def write_epoch_records(records: EpochRecords, epoch: int, state: Mapping[str, Any], improved: bool,
+def _write_epoch_records(records: EpochRecords, epoch: int, state: Mapping[str, Any], improved: bool,
                         metrics: MetricsLog, row: Mapping[str, Any]) -> None:
     if improved and records.best_checkpoint is not None:
         save_checkpoint(records.best_checkpoint, state)

@@ -1,8 +1,9 @@
-"""The one module the scripts import. It re-exports the public names of
+"""The one module the scripts import. It re-exports, by name, the public API of
 
-- data_utils.py: reading data, input detection, gene panels, binning, masking, datasets, splits;
-- gene2vec.py: Gene2Vec embeddings (load, train from co-expression, save);
-- train_utils.py: distributed setup, precision, schedule, checkpoints, RNG state, metrics log, plots;
+- data_utils.py: reading data, input detection, gene panels, binning, masking, datasets, labels, splits;
+- gene2vec.py: Gene2Vec embeddings (read a published file, train from co-expression, save);
+- train_utils.py: the log, script entry, distributed setup, precision, schedule, checkpoints, RNG
+  state, metrics log and plots, prediction, and the epoch loop both trainers run;
 
 and holds the little glue that composes them the same way in every script.
 """
@@ -13,25 +14,36 @@ from typing import Any
 
 import numpy as np
 
-from data_utils import *  # noqa: F401,F403  (the data API, InputError included)
-from data_utils import InputError
+from data_utils import (  # noqa: F401
+    DEFAULT_DATA_NAME, INPUT_FORMATS, READABLE_FORMATS, InputError, TokenDataset, align_to_panel, data_fingerprint,
+    detect_input_format, expressed_gene_counts, filter_cells_min_genes, load_gene_panel, log_normalised,
+    mask_expressed_genes, obs_columns, panel_from_data, read_dataset, read_labels, stratified_folds,
+    stratified_splits, token_loader, tokenize, tokenize_matrix,
+)
 from gene2vec import coexpression_pairs, load_gene2vec, save_gene2vec, train_gene2vec  # noqa: F401
-from train_utils import *  # noqa: F401,F403
-from train_utils import DistContext, barrier, logger
+from train_utils import (  # noqa: F401
+    DistContext, EpochPlan, EpochRecords, LossFn, MetricsLog, Precision, Predictions, Schedule, Training,
+    add_schedule_flags, all_reduce_sum, barrier, broadcast_object, build_model_from_checkpoint, check_ranks_agree,
+    check_writable_dir, cleanup_distributed, cpu_has_fast_bf16, derive_seed, gather_arrays, load_checkpoint, logger,
+    make_loader, make_scheduler, maybe_no_sync, model_checkpoint_fields, predict, prepare_training, progress,
+    read_checkpoint, resolve_amp, resume_point, reuse_freed_memory, rng_state, run_epochs, run_main,
+    save_checkpoint, seed_everything, set_rng_state, setup_distributed, strip_wrapper_prefixes, summarise_folds,
+    to_plain, train_one_epoch, unwrap, versions, warm_restart_lr, wrap_ddp,
+)
 
 
 def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[str]:
     """The panel a model trained from scratch uses: every gene of the data (case-insensitive repeats
     merged), or its `gene_num` most highly variable genes (scanpy's dispersion ranking on
     log-normalised values), in data order."""
-    genes = panel_from_data(adata)  # noqa: F405
+    genes = panel_from_data(adata)
     if gene_num is None or gene_num >= len(genes):
         return genes
     if gene_num < 1:
         raise InputError(f"--gene_num {gene_num} must be positive; leave it out to keep every gene")
     import scanpy as sc
 
-    log_data = align_to_panel(adata, genes, input_format=input_format)  # noqa: F405  (sums repeats)
+    log_data = align_to_panel(adata, genes, input_format=input_format)  # sums repeats
     if input_format == "counts":
         sc.pp.normalize_total(log_data, target_sum=1e4)
         sc.pp.log1p(log_data)
