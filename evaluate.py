@@ -423,10 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     run.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0: PyTorch's default, "
                      "one per core; on a machine shared with other jobs, 1 can be much faster)")
-    run.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"])
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run.add_argument("--seed", type=int, default=2021)
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    utils.add_run_flags(run)
     return p
 
 

@@ -396,10 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
     run.add_argument("--resume", action="store_true", help="continue from --ckpt_dir/finetune_last.pth")
-    run.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"])
-    run.add_argument("--device", default="auto")
-    run.add_argument("--seed", type=int, default=2021)
-    run.add_argument("--debug", action="store_true")
+    utils.add_run_flags(run)
     return p
 
 

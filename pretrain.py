@@ -220,10 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ckpt_dir", default="ckpts")
     run.add_argument("--save_every_epoch", action="store_true", help="also keep pretrain_epoch{N}.pth")
     run.add_argument("--resume", action="store_true", help="continue from --ckpt_dir/pretrain.pth")
-    run.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"])
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run.add_argument("--seed", type=int, default=2021)
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    utils.add_run_flags(run)
     return p
 
 

@@ -291,6 +291,15 @@ def add_schedule_flags(group: Any) -> None:
     group.add_argument("--lr_decay", type=float, default=0.9, help="peak decay per cycle")
 
 
+def add_run_flags(group: Any) -> None:
+    """The flags every script ends with: precision, device, seed and tracebacks."""
+    group.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"],
+                       help="mixed precision; auto: bf16 where the hardware runs it fast, else none")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--seed", type=int, default=2021)
+    group.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The optimiser and schedule flags of `add_schedule_flags`, as values."""
