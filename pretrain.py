@@ -9,8 +9,11 @@ Writes ckpts/pretrain.pth every epoch (atomically), pretrain_metrics.csv and pre
 from __future__ import annotations
 
 import argparse
-import time
+import functools
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,6 +21,165 @@ import torch.nn.functional as F
 
 import utils
 from model import PerformerLM, get_config, PRESETS
+
+logger = logging.getLogger("scbert")
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a cell is corrupted for the masked-expression objective (REFERENCE.md §2)."""
+    mask_prob: float          # fraction of the expressed genes to predict
+    replace_prob: float       # of those, the fraction shown as the mask token
+    random_token_prob: float  # ... and as a random bin
+    bin_num: int
+
+    def __call__(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return utils.mask_expressed_genes(tokens, self.mask_prob, self.replace_prob, self.random_token_prob,
+                                          self.bin_num, generator)
+
+
+def masked_step(model, batch, masking: Masking, generator, device, precision):
+    """One forward of the MLM objective: (mean loss over masked positions, #correct, #masked, labels)."""
+    mask_id = utils.unwrap(model).config.mask_token_id
+    tokens = batch["tokens"].to(torch.long)
+    masked, labels = masking(tokens, generator)
+    masked, labels = masked.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    with precision.autocast():
+        logits = model(masked)
+    loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=mask_id)
+    chosen = labels != mask_id
+    correct = (logits.argmax(-1)[chosen] == labels[chosen]).sum().item()
+    return loss, correct, int(chosen.sum().item()), labels[chosen].cpu()
+
+
+def masked_loss(model, masking: Masking, seed: int, ctx: utils.DistContext,
+                precision: utils.Precision) -> Callable[[int], utils.LossFn]:
+    """The training loss of each epoch. Masking draws from a generator seeded by (seed, rank, epoch):
+    a resumed epoch masks the same way as the interrupted one."""
+    def for_epoch(epoch: int) -> utils.LossFn:
+        generator = torch.Generator().manual_seed(utils.derive_seed(seed, ctx.rank, epoch))
+
+        def loss_fn(batch):
+            loss, correct, n_masked, _ = masked_step(model, batch, masking, generator, ctx.device, precision)
+            return loss, np.array([loss.item() * n_masked, correct, n_masked])
+
+        return loss_fn
+
+    return for_epoch
+
+
+@torch.no_grad()
+def evaluate_masked(model, dataset, masking: Masking, seed: int, batch_size: int, num_workers: int,
+                    ctx: utils.DistContext, precision: utils.Precision) -> dict[str, float]:
+    """Masked loss and accuracy over every validation cell (each rank scores its share), beside the
+    majority-bin baseline: the accuracy of always predicting the commonest masked bin."""
+    if len(dataset) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(utils.derive_seed(seed, ctx.rank, 0, salt=7))
+    loader = utils.make_loader(dataset, batch_size, ctx, shuffle=False, seed=seed, epoch=0,
+                               num_workers=num_workers, pad=False)
+    totals = np.zeros(3)
+    label_counts = np.zeros(model.config.num_tokens)
+    for batch in loader:
+        loss, correct, n_masked, labels = masked_step(model, batch, masking, generator, ctx.device, precision)
+        totals += (loss.item() * n_masked, correct, n_masked)
+        label_counts += np.bincount(labels.numpy(), minlength=len(label_counts))
+    totals = utils.all_reduce_sum(totals, ctx)
+    label_counts = utils.all_reduce_sum(label_counts, ctx)
+    model.train(was_training)
+    n = max(totals[2], 1)
+    return {"valid_loss": totals[0] / n, "valid_masked_acc": totals[1] / n,
+            "valid_majority_acc": label_counts.max() / n}
+
+
+def pretraining_panel(resume: dict[str, Any] | None, gene_panel: str | None, adata, gene_num: int | None,
+                      input_format: str) -> list[str]:
+    """The checkpoint's panel on resume, else the --gene_panel file, else the data's genes."""
+    if resume is not None:
+        return list(resume["gene_panel"])
+    if gene_panel:
+        return utils.load_gene_panel(gene_panel)
+    return utils.dataset_panel(adata, gene_num, input_format)
+
+
+def pretraining_model(resume: dict[str, Any] | None, resume_path: Path, preset: str, panel: list[str],
+                      bin_num: int, gene2vec: Callable[[int], torch.Tensor] | None, seed: int) -> PerformerLM:
+    """The checkpoint's model on resume; else the preset over the panel, with the Gene2Vec table
+    `gene2vec(width)` (None: no positional embedding) and weights drawn from the seed."""
+    if resume is not None:
+        model = utils.build_model_from_checkpoint(resume, resume_path)
+    else:
+        config = get_config(preset, gene_num=len(panel), bin_num=bin_num,
+                            pos_embed="gene2vec" if gene2vec is not None else "none")
+        table = gene2vec(config.dim) if gene2vec is not None else None
+        utils.seed_everything(seed)
+        model = PerformerLM(config, pos_table=table)
+        model.set_redraw_seed(seed)
+    return model
+
+
+def split_cells(cells: np.ndarray, valid_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation rows, training rows), a seeded random split: pretraining has no labels."""
+    order = np.random.default_rng(seed).permutation(cells)
+    n_valid = int(round(len(order) * valid_ratio)) if len(order) > 10 else 0
+    return np.sort(order[:n_valid]), np.sort(order[n_valid:])
+
+
+def main(args: argparse.Namespace) -> Path:
+    ctx = utils.setup_distributed(args.device)
+    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_path = ckpt_dir / "pretrain.pth"
+
+    # data
+    adata = utils.read_dataset(args.data_path)
+    input_format = utils.detect_input_format(adata, args.input_format)
+    fingerprint = utils.data_fingerprint(adata)
+    resume = utils.resume_point(ckpt_path, fingerprint, args.data_path) if args.resume else None
+    seed = int(resume["args"]["seed"]) if resume is not None else args.seed  # a resumed run keeps its seed
+    panel = pretraining_panel(resume, args.gene_panel, adata, args.gene_num, input_format)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    logger.info(f"data: {aligned.n_obs} cells, {len(panel)} panel genes ({input_format} input)")
+    cells = utils.filter_cells_min_genes(aligned, args.min_genes, drop=True) if args.min_genes > 0 \
+        else np.arange(aligned.n_obs)
+    utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
+
+    # model, split, optimiser
+    gene2vec = functools.partial(utils.gene2vec_table, args.gene2vec_path, aligned, panel, seed=seed,
+                                 input_format=input_format, out_dir=ckpt_dir, ctx=ctx) if args.pos_embed else None
+    model = pretraining_model(resume, ckpt_path, args.model, panel, args.bin_num, gene2vec, seed)
+    model.to(ctx.device).train()
+    valid_idx, train_idx = split_cells(cells, args.valid_ratio, seed)
+    schedule = utils.Schedule(args.learning_rate, args.min_lr, args.cycle, args.warmup, args.lr_decay)
+    training = utils.prepare_training(model, args.amp, schedule, ctx, resume)
+    train_set = utils.TokenDataset(aligned, input_format, model.config.bin_num, indices=train_idx)
+    valid_set = utils.TokenDataset(aligned, input_format, model.config.bin_num, indices=valid_idx)
+    logger.info(f"model: preset {args.model if resume is None else 'from checkpoint'}, "
+                f"{sum(p.numel() for p in training.params):,} trainable parameters; precision "
+                f"{training.precision.mode}; {ctx.world_size} process(es) on {ctx.device.type}")
+
+    # the epochs
+    masking = Masking(args.mask_prob, args.replace_prob, args.random_token_prob, args.bin_num)
+    plan = utils.EpochPlan(args.epoch, args.batch_size, args.grad_acc, args.clip, seed, args.num_workers,
+                           grad_checkpoint=args.grad_checkpoint)
+    records = utils.EpochRecords(
+        checkpoint=ckpt_path, metrics_csv=ckpt_dir / "pretrain_metrics.csv", loss_plot=ckpt_dir / "pretrain_loss.png",
+        plot_series=(("train_loss", "masked loss (train)"), ("valid_loss", "masked loss (valid)"),
+                     ("valid_masked_acc", "masked accuracy (valid)")),
+        plot_title="scBERT pretraining", train_acc_column="train_masked_acc", rate_column=True,
+        keep_every_epoch=args.save_every_epoch)
+    utils.run_epochs(
+        training, train_set, masked_loss(training.stepped, masking, seed, ctx, training.precision),
+        lambda: evaluate_masked(training.model, valid_set, masking, seed, args.batch_size, args.num_workers, ctx,
+                                training.precision),
+        plan, records, ctx,
+        checkpoint_fields={"gene_panel": list(panel), "input_format": input_format,
+                           "data_fingerprint": fingerprint, "data_path": args.data_path},
+        run_args={**utils.to_plain(vars(args)), "seed": seed})
+    logger.info(f"pretrained model: {ckpt_path}")
+    utils.cleanup_distributed()
+    return ckpt_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,169 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ckpt_dir", default="ckpts")
     run.add_argument("--save_every_epoch", action="store_true", help="also keep pretrain_epoch{N}.pth")
     run.add_argument("--resume", action="store_true", help="continue from --ckpt_dir/pretrain.pth")
-    run.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"])
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    run.add_argument("--seed", type=int, default=2021)
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    utils.add_run_flags(run)
     return p
-
-
-def masked_step(model, batch, args, mask_id, generator, device, precision):
-    """One forward of the MLM objective: (mean loss over masked positions, #correct, #masked, labels)."""
-    tokens = batch["tokens"].to(torch.long)
-    masked, labels = utils.mask_expressed_genes(tokens, args.mask_prob, args.replace_prob,
-                                                args.random_token_prob, args.bin_num, generator)
-    masked, labels = masked.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    with precision.autocast():
-        logits = model(masked)
-    loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=mask_id)
-    chosen = labels != mask_id
-    correct = (logits.argmax(-1)[chosen] == labels[chosen]).sum().item()
-    return loss, correct, int(chosen.sum().item()), labels[chosen].cpu()
-
-
-def main(args: argparse.Namespace) -> Path:
-    ctx = utils.setup_distributed(args.device)
-    log = utils.Logger(ctx.is_main)
-    ckpt_dir = Path(args.ckpt_dir)
-    ckpt_path = ckpt_dir / "pretrain.pth"
-    if args.resume and not ckpt_path.exists():
-        raise utils.InputError(f"--resume found no {ckpt_path}; run without --resume to start, or point "
-                               f"--ckpt_dir at the folder of the run to continue")
-    resume_ckpt = utils.read_checkpoint(ckpt_path) if args.resume else None
-    if args.resume:
-        log(f"resuming from {ckpt_path} (epoch {resume_ckpt['epoch']} finished)")
-        args.seed = int(resume_ckpt["args"]["seed"])
-
-    # data: the panel is the checkpoint's on resume, else the given file, else the data's genes
-    adata = utils.read_dataset(args.data_path)
-    input_format = utils.detect_input_format(adata, args.input_format)
-    if resume_ckpt is not None:
-        panel = list(resume_ckpt["gene_panel"])
-    elif args.gene_panel:
-        panel = utils.load_gene_panel(args.gene_panel)
-    else:
-        panel = utils.dataset_panel(adata, args.gene_num, input_format)
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
-    log(f"data: {aligned.n_obs} cells, {len(panel)} panel genes ({input_format} input)")
-    cells = utils.filter_cells_min_genes(aligned, args.min_genes, drop=True) if args.min_genes > 0 \
-        else np.arange(aligned.n_obs)
-    fingerprint = utils.data_fingerprint(adata)
-    if resume_ckpt is not None and resume_ckpt.get("data_fingerprint") != fingerprint:
-        raise utils.InputError(f"{ckpt_path} was trained on other data than {args.data_path or 'the default data'}; "
-                               f"resume with the same --data_path, or start a new run in another --ckpt_dir")
-
-    utils.check_writable_dir(ckpt_dir)  # after the inputs are known good: an error leaves nothing behind
-
-    # model
-    if resume_ckpt is not None:
-        model = utils.build_model_from_checkpoint(resume_ckpt, ckpt_path)
-    else:
-        config = get_config(args.model, gene_num=len(panel), bin_num=args.bin_num,
-                            pos_embed="gene2vec" if args.pos_embed else "none")
-        table = utils.gene2vec_table(args, aligned, panel, config.dim, ctx, log, ckpt_dir, input_format) if args.pos_embed else None
-        utils.seed_everything(args.seed)
-        model = PerformerLM(config, pos_table=table)
-        model.set_redraw_seed(args.seed)
-    config = model.config
-    model.to(ctx.device).train()
-
-    # splits (random, seeded: pretraining has no labels)
-    order = np.random.default_rng(args.seed).permutation(cells)
-    n_valid = int(round(len(order) * args.valid_ratio)) if len(order) > 10 else 0
-    valid_idx, train_idx = np.sort(order[:n_valid]), np.sort(order[n_valid:])
-
-    precision = utils.Precision(utils.resolve_amp(args.amp, ctx.device), ctx.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    scheduler = utils.make_scheduler(optimizer, args)
-    start_epoch = 1
-    if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer_state_dict"])
-        scheduler.load_state_dict(resume_ckpt["scheduler_state_dict"])
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-    model, optimizer = precision.prepare(model, optimizer)
-    ddp_model = utils.wrap_ddp(model, ctx)
-
-    train_set = utils.TokenDataset(aligned, input_format, config.bin_num, indices=train_idx)
-    valid_set = utils.TokenDataset(aligned, input_format, config.bin_num, indices=valid_idx)
-    metrics = utils.MetricsLog(ckpt_dir / "pretrain_metrics.csv", resume_epoch=start_epoch - 1 if args.resume else 0)
-    if resume_ckpt is not None:
-        utils.set_rng_state(resume_ckpt["rng_state"])
-    log(f"model: preset {args.model if resume_ckpt is None else 'from checkpoint'}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters; precision {precision.mode}; "
-        f"{ctx.world_size} process(es) on {ctx.device.type}")
-
-    for epoch in range(start_epoch, args.epoch + 1):
-        started = time.time()
-        loader = utils.make_loader(train_set, args.batch_size, ctx, shuffle=True, seed=args.seed, epoch=epoch,
-                                   num_workers=args.num_workers)
-        # masking draws from a generator seeded by (seed, rank, epoch): a resumed epoch masks the same way
-        generator = torch.Generator().manual_seed(utils.derive_seed(args.seed, ctx.rank, epoch))
-
-        def loss_fn(batch):
-            loss, correct, n_masked, _ = masked_step(ddp_model, batch, args, config.mask_token_id,
-                                                     generator, ctx.device, precision)
-            return loss, np.array([loss.item() * n_masked, correct, n_masked])
-
-        totals = utils.train_one_epoch(ddp_model, loader, loss_fn, precision, optimizer, params, args.grad_acc,
-                                       args.clip, ctx.is_main, f"epoch {epoch}", args.grad_checkpoint)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        train = utils.all_reduce_sum(totals, ctx)
-        valid = evaluate_masked(model, valid_set, args, ctx, precision)
-        seconds = time.time() - started
-        row = {"epoch": epoch, "train_loss": train[0] / max(train[2], 1), "train_masked_acc": train[1] / max(train[2], 1),
-               **valid, "lr": lr, "seconds": round(seconds, 2),
-               "cells_per_s": round(len(train_set) / seconds, 2)}
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if ctx.is_main:
-            state = {"epoch": epoch, "losses": row["train_loss"],
-                     "optimizer_state_dict": optimizer.state_dict(),
-                     "scheduler_state_dict": scheduler.state_dict(),
-                     **utils.model_checkpoint_fields(model),
-                     "gene_panel": list(panel), "input_format": input_format,
-                     "data_fingerprint": fingerprint, "data_path": args.data_path,
-                     "rng_state": utils.rng_state(), "args": utils.plain_args(args),
-                     "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
-            utils.save_checkpoint(ckpt_path, state)
-            if args.save_every_epoch:
-                utils.save_checkpoint(ckpt_dir / f"pretrain_epoch{epoch}.pth", state)
-            metrics.append(row)
-            metrics.plot(ckpt_dir / "pretrain_loss.png",
-                         [("train_loss", "masked loss (train)"), ("valid_loss", "masked loss (valid)"),
-                          ("valid_masked_acc", "masked accuracy (valid)")], "scBERT pretraining")
-        utils.barrier(ctx)
-    utils.check_ranks_agree(model, ctx, log)
-    log(f"pretrained model: {ckpt_path}")
-    utils.cleanup_distributed()
-    return ckpt_path
-
-
-@torch.no_grad()
-def evaluate_masked(model, dataset, args, ctx, precision) -> dict[str, float]:
-    """Masked loss and accuracy over every validation cell (each rank scores its share), beside the
-    majority-bin baseline: the accuracy of always predicting the commonest masked bin."""
-    if len(dataset) == 0:
-        return {}
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(utils.derive_seed(args.seed, ctx.rank, 0, salt=7))
-    loader = utils.make_loader(dataset, args.batch_size, ctx, shuffle=False, seed=args.seed, epoch=0,
-                               num_workers=args.num_workers, pad=False)
-    totals = np.zeros(3)
-    label_counts = np.zeros(model.config.num_tokens)
-    for batch in loader:
-        loss, correct, n_masked, labels = masked_step(model, batch, args, model.config.mask_token_id,
-                                                      generator, ctx.device, precision)
-        totals += (loss.item() * n_masked, correct, n_masked)
-        label_counts += np.bincount(labels.numpy(), minlength=len(label_counts))
-    totals = utils.all_reduce_sum(totals, ctx)
-    label_counts = utils.all_reduce_sum(label_counts, ctx)
-    model.train(was_training)
-    n = max(totals[2], 1)
-    return {"valid_loss": totals[0] / n, "valid_masked_acc": totals[1] / n,
-            "valid_majority_acc": label_counts.max() / n}
 
 
 if __name__ == "__main__":

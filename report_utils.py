@@ -6,7 +6,6 @@ Nothing here reads data or checkpoints; evaluate.py hands over arrays, the model
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import pandas as pd
 import torch
 
 from data_utils import InputError
+from train_utils import to_plain
 
 UNASSIGNED = "Unassigned"  # the label of cells below --unassign_thres (--novel_type)
 
@@ -353,28 +353,6 @@ def plot_umap(coordinates: np.ndarray, colourings: Mapping[str, Sequence[str]], 
 # output folder: everything or nothing
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Proves early (before any long work) that the folder can be created and written, without
-    creating it: an error later must leave nothing behind."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise InputError(f"output folder {path} is an existing file; pass --output_dir with a folder path")
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"cannot create output folder {path}: {ancestor} is a file, not a folder; "
-                         f"choose another --output_dir")
-    try:
-        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".evaluate-write-test-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        raise InputError(f"cannot write to output folder {path} ({ancestor}: {err.strerror}); "
-                         f"choose a writable --output_dir") from None
-    return path
-
-
 def write_outputs(path: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]],
                   stale: Sequence[str] = ()) -> list[Path]:
     """Writes every file into a hidden staging folder inside `path`, then renames them into place,
@@ -418,15 +396,4 @@ def write_outputs(path: str | os.PathLike, writers: Mapping[str, Callable[[Path]
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    Path(path).write_text(json.dumps(plain(obj), indent=2) + "\n")
+    Path(path).write_text(json.dumps(to_plain(obj, for_json=True), indent=2) + "\n")

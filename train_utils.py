@@ -11,10 +11,12 @@ import os
 import pickle
 import random
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +26,39 @@ from torch import nn
 import kernels
 from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
+
+# --------------------------------------------------------------------------------------------------
+# the log
+
+logger = logging.getLogger("scbert")  # every module logs here or to a child ("scbert.data", ...)
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to sys.stdout as it is when a message comes, not as it was when the handler was made:
+    pytest swaps sys.stdout per test (capsys), and in-process `main(args)` calls must log there."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _configure_log() -> None:
+    """Rank 0 logs INFO and above to stdout, the other ranks only errors; stderr is left to the
+    `error:` line and progress bars. Read from torchrun's RANK, as `setup_distributed` does, so it
+    holds from the first message on, for the command line and in-process calls alike."""
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
+    logger.propagate = False  # a root handler someone else configures must not print it twice
+
+
+_configure_log()
+
 
 # --------------------------------------------------------------------------------------------------
 # script entry
@@ -65,10 +100,6 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     can fix (InputError) ends the script with one line on stderr and exit code 2; --debug shows the
     traceback instead."""
     args = parser.parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    # progress notes go to stdout with the rest of the log; stderr keeps only the error line
-    logging.basicConfig(level=logging.INFO if rank0 else logging.ERROR, format="%(message)s", stream=sys.stdout,
-                        force=True)
     try:
         configure_from_environment()
         return main(args)
@@ -273,15 +304,35 @@ def add_schedule_flags(group: Any) -> None:
     group.add_argument("--lr_decay", type=float, default=0.9, help="peak decay per cycle")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: Any) -> torch.optim.lr_scheduler.LambdaLR:
+def add_run_flags(group: Any) -> None:
+    """The flags every script ends with: precision, device, seed and tracebacks."""
+    group.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16", "apex"],
+                       help="mixed precision; auto: bf16 where the hardware runs it fast, else none")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--seed", type=int, default=2021)
+    group.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimiser and schedule flags of `add_schedule_flags`, as values."""
+    learning_rate: float  # Adam's, and the peak of the schedule
+    min_lr: float         # the floor of the cosine
+    cycle: int            # epochs in the first cosine cycle (each next one twice as long, less the warm-up)
+    warmup: int           # warm-up epochs at the start of each cycle
+    lr_decay: float       # the peak's decay per cycle
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-epoch LambdaLR following `warm_restart_lr` (its state is plain numbers)."""
-    max_lr = args.learning_rate
+    max_lr = schedule.learning_rate
     for group in optimizer.param_groups:
         group["lr"] = max_lr
         group["initial_lr"] = max_lr
 
     def factor(epoch: int) -> float:
-        return warm_restart_lr(epoch, max_lr, args.min_lr, args.cycle, 2.0, args.warmup, args.lr_decay) / max_lr
+        return warm_restart_lr(epoch, max_lr, schedule.min_lr, schedule.cycle, 2.0, schedule.warmup,
+                               schedule.lr_decay) / max_lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -333,17 +384,25 @@ def versions() -> dict[str, str]:
     return {name: str(v) for name, v in found.items()}  # plain str: weights_only loads it
 
 
-def to_plain(obj: Any) -> Any:
-    """numpy scalars and arrays (which weights_only loading refuses) as Python numbers and tensors."""
+def to_plain(obj: Any, for_json: bool = False) -> Any:
+    """obj in the plain types that a weights_only checkpoint (and, with for_json, JSON) accepts:
+    numpy scalars as Python numbers, numpy arrays as tensors (JSON: lists), dicts, lists and tuples
+    converted inside; for JSON also keys as strings and NaN/inf as null. Anything else that is not a
+    number, string, bool, None or tensor becomes its str() (e.g. an argparse value that is a Path)."""
     if isinstance(obj, Mapping):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {(str(k) if for_json else k): to_plain(v, for_json) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(v) for v in obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
+        items = [to_plain(v, for_json) for v in obj]
+        return items if for_json else type(obj)(items)
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    return obj
+        return to_plain(obj.tolist(), for_json) if for_json else torch.from_numpy(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if for_json and isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    return str(obj)
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
@@ -407,6 +466,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
                          f"pass a checkpoint written by pretrain.py/finetune.py or a published scBERT file")
     ckpt = dict(ckpt)
     ckpt["model_state_dict"] = strip_wrapper_prefixes(ckpt["model_state_dict"])
+    return ckpt
+
+
+def resume_point(path: Path, fingerprint: str, data_path: str | None) -> dict[str, Any]:
+    """The checkpoint a --resume run continues from, checked to exist and to come from this data."""
+    if not path.exists():
+        raise InputError(f"--resume found no {path}; run without --resume to start, or point --ckpt_dir at the "
+                         f"folder of the run to continue")
+    ckpt = read_checkpoint(path)
+    if ckpt.get("data_fingerprint") != fingerprint:
+        raise InputError(f"{path} was trained on other data than {data_path or 'the default data'}; resume with "
+                         f"the same --data_path, or start a new run in another --ckpt_dir")
+    logger.info(f"resuming from {path} (epoch {ckpt['epoch']} finished)")
     return ckpt
 
 
@@ -515,30 +587,32 @@ def progress(iterable: Any, enabled: bool, **kwargs: Any) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# loops: loaders, DDP wrapping, reductions, logging
+# loops: loaders, DDP wrapping, reductions
 
 
-class Logger:
-    """print() on rank 0 only."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(message, flush=True)
-
-
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Creates the folder if needed and proves it writable before any work starts."""
-    path = Path(path)
+def check_writable_dir(path: str | os.PathLike, flag: str, create: bool = True) -> Path:
+    """Proves before any long work that the folder can be written: a file is written and removed in
+    it, or in its nearest existing parent if it does not exist yet. create=False leaves a missing
+    folder uncreated (evaluate.py creates it with its outputs, all at once); create=True makes it.
+    `flag` names the option to change in the error."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} is an existing file; pass {flag} with a folder path")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create output folder {path} ({ancestor} is a file, not a folder: cannot write "
+                         f"under it); choose another {flag}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".scbert-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"cannot write to {path} ({err.strerror}); choose a writable folder") from None
+        raise InputError(f"cannot write to output folder {path} ({ancestor}: {err.strerror}); "
+                         f"choose a writable {flag}") from None
     return path
 
 
@@ -596,11 +670,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def plain_args(args: Any) -> dict[str, Any]:
-    """argparse values as plain types, for a weights_only checkpoint."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
-
-
 def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, np.ndarray]],
                     precision: Precision, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                     grad_acc: int, clip: float, show_progress: bool, desc: str,
@@ -622,6 +691,57 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tupl
     return totals if totals is not None else np.zeros(1)
 
 
+class Predictions(NamedTuple):
+    """What the classifier says about each cell (float32), with the dataset's labels (int64) if it has any."""
+    logits: np.ndarray      # (cells, classes)
+    embeddings: np.ndarray  # (cells, 128): the cell embedding the head computes before its last layer
+    labels: np.ndarray | None
+
+
+@torch.no_grad()
+def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext,
+            precision: Precision, num_workers: int = 0, head_input: list[float] | None = None,
+            show_progress: bool = False) -> Predictions:
+    """The classifier's logits and embeddings for every cell of the dataset, batched. Each rank scores
+    its share and all get the whole, rank by rank (dataset order in one process; labels in the same
+    order). head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank)."""
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, batch_size, ctx, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
+                         pad=False)
+    counts = [0.0, 0.0]
+
+    def count(module, inputs, out):
+        counts[0] += float((out > 0).sum())
+        counts[1] += out.numel()
+
+    hook = model.to_out.act.register_forward_hook(count) if head_input is not None else None
+    logits, embeddings, labels = [], [], []
+    try:
+        for batch in progress(loader, show_progress, desc="annotating", total=len(loader)):
+            with precision.autocast():
+                batch_logits, embedding = model.classify(batch["tokens"].to(ctx.device, non_blocking=True).long())
+            logits.append(batch_logits.float().cpu())
+            embeddings.append(embedding.float().cpu())
+            if "label" in batch:
+                labels.append(batch["label"])
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    if head_input is not None:
+        head_input[:] = counts
+
+    def whole(parts: list[torch.Tensor], empty: np.ndarray) -> np.ndarray:
+        # every rank gathers, also one with no cells: the others wait for it
+        return gather_arrays(torch.cat(parts).numpy() if parts else empty, ctx)
+
+    has_labels = bool(labels) or getattr(dataset, "labels", None) is not None
+    return Predictions(whole(logits, np.zeros((0, model.to_out.n_classes), np.float32)),
+                       whole(embeddings, np.zeros((0, 128), np.float32)),
+                       whole(labels, np.zeros(0, np.int64)) if has_labels else None)
+
+
 def summarise_folds(rows: list[dict[str, Any]]) -> Any:
     """Per-fold scores plus 'mean' and 'sd' rows (sample sd over folds)."""
     import pandas as pd
@@ -633,7 +753,7 @@ def summarise_folds(rows: list[dict[str, Any]]) -> Any:
     return pd.concat([table.astype({"fold": str}), pd.DataFrame([mean, sd])], ignore_index=True)
 
 
-def check_ranks_agree(model: nn.Module, ctx: DistContext, log: Callable[[str], None]) -> None:
+def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
     """After distributed training every rank must hold the same weights (DDP averages gradients and
     the random features are redrawn from a shared seed). Compares a checksum of all parameters and
     buffers across ranks and fails loudly if they diverged."""
@@ -648,4 +768,140 @@ def check_ranks_agree(model: nn.Module, ctx: DistContext, log: Callable[[str], N
     dist.all_gather_object(sums, total.tolist())
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"model weights differ between ranks after training: {sums}")
-    log(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")
+    logger.info(f"weights identical on all {ctx.world_size} ranks (checksum {sums[0][0]:.6g})")
+
+
+# --------------------------------------------------------------------------------------------------
+# the epoch loop both trainers run
+
+LossFn = Callable[[Any], tuple[torch.Tensor, np.ndarray]]  # batch -> (loss, [summed loss, correct, count])
+
+
+@dataclass
+class Training:
+    """A model set up to train, and where its run stands: what the epoch loop steps and updates."""
+    model: nn.Module          # the plain model: validation and checkpoints use it
+    stepped: nn.Module        # the same model, DDP-wrapped in a distributed run: losses call this one
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: Precision
+    first_epoch: int = 1
+    best: float = -1.0        # the best validation score so far (early stopping)
+    bad_epochs: int = 0       # validations since it last improved
+
+
+def prepare_training(model: nn.Module, amp: str, schedule: Schedule, ctx: DistContext,
+                     resume: Mapping[str, Any] | None) -> Training:
+    """Adam over the parameters that require grad, the published schedule and the precision mode;
+    from a resume checkpoint also their states, the next epoch, the early-stopping counts and the
+    RNG states as they were when it was written."""
+    precision = Precision(resolve_amp(amp, ctx.device), ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=schedule.learning_rate)
+    scheduler = make_scheduler(optimizer, schedule)
+    first_epoch, best, bad_epochs = 1, -1.0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer_state_dict"])
+        scheduler.load_state_dict(resume["scheduler_state_dict"])
+        first_epoch = int(resume["epoch"]) + 1
+        best, bad_epochs = float(resume.get("best_metric", best)), int(resume.get("bad_epochs", bad_epochs))
+        set_rng_state(resume["rng_state"])
+    model, optimizer = precision.prepare(model, optimizer)
+    return Training(model, wrap_ddp(model, ctx), params, optimizer, scheduler, precision, first_epoch, best,
+                    bad_epochs)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How the loop steps through the epochs, and when it stops early."""
+    last_epoch: int
+    batch_size: int              # cells per step and process
+    grad_acc: int                # steps per optimiser step
+    clip: float                  # gradient-norm clipping (0: off)
+    seed: int                    # the order of each epoch's cells derives from (seed, epoch)
+    num_workers: int
+    monitor: str | None = None   # a validation score, higher is better: the best checkpoint, early stopping
+    patience: int = 0            # validations without a better `monitor` before the loop stops
+    grad_checkpoint: bool = False  # store as little as possible for the backward (kernels.ExecutionSettings)
+
+
+@dataclass(frozen=True)
+class EpochRecords:
+    """What rank 0 writes after every epoch."""
+    checkpoint: Path                        # the resume point
+    metrics_csv: Path
+    loss_plot: Path
+    plot_series: tuple[tuple[str, str], ...]  # (CSV column, axis label) per panel
+    plot_title: str
+    train_acc_column: str                   # the CSV name of the training accuracy
+    rate_column: bool = False               # also cells_per_s (pretraining's CSV has it)
+    best_checkpoint: Path | None = None     # with a monitor: written whenever it improves
+    keep_every_epoch: bool = False          # also <checkpoint stem>_epoch{N}.pth
+
+
+def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_loss: Callable[[int], LossFn],
+               validate: Callable[[], dict[str, float]], plan: EpochPlan, records: EpochRecords,
+               ctx: DistContext, checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> None:
+    """The epochs of both trainers: one pass over the training cells with the loss `epoch_loss(epoch)`,
+    a schedule step, `validate()` (its scores join the row), a log line, the checkpoints, metrics CSV
+    and plot (rank 0); early stop once `plan.monitor` has not improved for `plan.patience` epochs.
+    checkpoint_fields: what the checkpoint holds beside the model, optimiser, schedule and RNG (data,
+    panel, labels, splits); run_args: the command line. Updates training.best and .bad_epochs."""
+    metrics = MetricsLog(records.metrics_csv, resume_epoch=training.first_epoch - 1)
+    for epoch in range(training.first_epoch, plan.last_epoch + 1):
+        if plan.monitor is not None and training.bad_epochs >= plan.patience:
+            break
+        started = time.time()
+        loader = make_loader(train_set, plan.batch_size, ctx, shuffle=True, seed=plan.seed, epoch=epoch,
+                             num_workers=plan.num_workers)
+        totals = train_one_epoch(training.stepped, loader, epoch_loss(epoch), training.precision, training.optimizer,
+                                 training.params, plan.grad_acc, plan.clip, ctx.is_main, f"epoch {epoch}",
+                                 plan.grad_checkpoint)
+        lr = training.optimizer.param_groups[0]["lr"]
+        training.scheduler.step()
+        totals = all_reduce_sum(totals, ctx)
+        valid = validate()
+        improved = plan.monitor is not None and valid[plan.monitor] > training.best
+        if plan.monitor is not None:
+            training.best, training.bad_epochs = ((valid[plan.monitor], 0) if improved
+                                                  else (training.best, training.bad_epochs + 1))
+        seconds = time.time() - started
+        row = {"epoch": epoch, "train_loss": totals[0] / max(totals[2], 1),
+               records.train_acc_column: totals[1] / max(totals[2], 1), **valid, "lr": lr,
+               "seconds": round(seconds, 2)}
+        if records.rate_column:
+            row["cells_per_s"] = round(len(train_set) / seconds, 2)
+        logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                    + (" *" if improved else ""))
+        if ctx.is_main:
+            state = _epoch_checkpoint(training, epoch, row, plan.monitor is not None, checkpoint_fields, run_args)
+            _write_epoch_records(records, epoch, state, improved, metrics, row)
+        barrier(ctx)
+    check_ranks_agree(training.model, ctx)
+
+
+def _epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
+                     checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint after an epoch: the published keys (epoch, losses, optimiser, schedule, model),
+    what rebuilds the model, `checkpoint_fields`, the early-stopping counts, the RNG states, the
+    command line and the epoch's metrics."""
+    state = {"epoch": epoch, "losses": row["train_loss"],
+             "optimizer_state_dict": training.optimizer.state_dict(),
+             "scheduler_state_dict": training.scheduler.state_dict(),
+             **model_checkpoint_fields(training.model), **checkpoint_fields}
+    if early_stopping:
+        state.update(best_metric=training.best, bad_epochs=training.bad_epochs)
+    return {**state, "rng_state": rng_state(), "args": dict(run_args),
+            "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
+
+
+def _write_epoch_records(records: EpochRecords, epoch: int, state: Mapping[str, Any], improved: bool,
+                        metrics: MetricsLog, row: Mapping[str, Any]) -> None:
+    if improved and records.best_checkpoint is not None:
+        save_checkpoint(records.best_checkpoint, state)
+    save_checkpoint(records.checkpoint, state)
+    if records.keep_every_epoch:
+        save_checkpoint(records.checkpoint.with_name(f"{records.checkpoint.stem}_epoch{epoch}.pth"), state)
+    metrics.append(row)
+    metrics.plot(records.loss_plot, list(records.plot_series), records.plot_title)

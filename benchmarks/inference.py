@@ -9,7 +9,7 @@ Rows:
 1. `python evaluate.py`-equivalent run (evaluate.main: read, align, tokenise per batch, batched inference,
    every output file but the UMAP and gene importance), wall time for all cells, at --amp none and
    --amp auto (what auto resolves to on this machine is printed);
-2. the same batched inference (evaluate.predict) over a batch-size sweep, on a --sweep_cells subset;
+2. the same batched inference (utils.predict) over a batch-size sweep, on a --sweep_cells subset;
 3. one cell at a time: tokenise one cell, one forward pass of batch 1, softmax, as the original
    predict script does, on --single_cells cells.
 
@@ -94,7 +94,6 @@ def batched(ckpt: Path, data_path: Path, n: int, batch_size: int, amp: str) -> f
     import numpy as np
     import torch
 
-    import evaluate
     import utils
 
     model, state = utils.load_checkpoint(ckpt)
@@ -105,7 +104,7 @@ def batched(ckpt: Path, data_path: Path, n: int, batch_size: int, amp: str) -> f
     precision = utils.Precision(utils.resolve_amp(amp, device), device)
     dataset = utils.TokenDataset(aligned, fmt, model.config.bin_num, indices=np.arange(n))
     started = time.perf_counter()
-    evaluate.predict(model, dataset, batch_size, device, precision, show_progress=False)
+    utils.predict(model, dataset, batch_size, utils.DistContext(0, 1, 0, device), precision)
     return n / (time.perf_counter() - started)
 
 
@@ -151,7 +150,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         for bs in [int(b) for b in args.sweep.split(",") if b.strip()]:
             rate = max(batched(ckpt, data_path, n_sweep, bs, "none") for _ in range(args.repeats))
-            rows.append((f"evaluate.predict, batch {bs}", "none", threads, n_sweep, f"{rate:.1f}",
+            rows.append((f"utils.predict, batch {bs}", "none", threads, n_sweep, f"{rate:.1f}",
                          f"{n_sweep / rate:.1f}"))
             print(rows[-1], flush=True)
         rate = max(one_at_a_time(ckpt, data_path, n_single) for _ in range(args.repeats))
