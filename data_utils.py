@@ -715,28 +715,24 @@ def mask_expressed_genes(tokens: torch.Tensor, mask_prob: float = 0.15, replace_
     ignore = bin_num + 1
     candidate = tokens > 0
     candidate[:, -1] = False
-    k = torch.minimum(_ceil_times(mask_prob, candidate.sum(dim=1)),
-                      _ceil_times(mask_prob, torch.tensor(n)))                 # (b,)
+    # no host reads (no data-dependent sizes or boolean indexing): on a GPU the step never waits
+    cap = max(0, math.ceil(n * mask_prob - 1e-9))  # _ceil_times in Python: the same float64 arithmetic
+    k = torch.minimum(_ceil_times(mask_prob, candidate.sum(dim=1)), torch.tensor(cap, device=tokens.device))  # (b,)
     dev = generator.device if generator is not None else tokens.device
     scores = torch.rand((b, n), generator=generator, device=dev).to(tokens.device)
     scores.masked_fill_(~candidate, -1.0)   # never outrank a candidate; k <= candidates per row
-    labels = torch.full_like(tokens, ignore)
-    masked = tokens.clone()
-    k_max = int(k.max()) if b else 0
-    # draw the replacement dice even when nothing is chosen, so the stream does not depend on data
+    # the replacement dice are drawn even when nothing is chosen, so the stream does not depend on data
     dice = torch.rand((b, n), generator=generator, device=dev).to(tokens.device)
-    if k_max == 0:
-        return masked, labels
-    top = scores.topk(k_max, dim=1).indices                                    # (b, k_max)
-    within = torch.arange(k_max, device=tokens.device)[None, :] < k[:, None]    # per-row k
+    top = scores.topk(cap, dim=1).indices                                    # (b, cap), best first
+    within = torch.arange(cap, device=tokens.device)[None, :] < k[:, None]    # per-row k
     chosen = torch.zeros_like(candidate)
     chosen.scatter_(1, top, within)
-    labels[chosen] = tokens[chosen]
-    masked[chosen & (dice < replace_prob)] = ignore
+    labels = torch.where(chosen, tokens, ignore)
+    masked = torch.where(chosen & (dice < replace_prob), ignore, tokens)
     if random_token_prob > 0:
         swap = chosen & (dice >= replace_prob) & (dice < replace_prob + random_token_prob)
         random_tokens = torch.randint(1, bin_num + 1, (b, n), generator=generator, device=dev).to(tokens.device)
-        masked[swap] = random_tokens[swap]
+        masked = torch.where(swap, random_tokens, masked)
     return masked, labels
 
 

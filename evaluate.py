@@ -241,15 +241,16 @@ def score(annotation: Annotation, truth: np.ndarray | None, label_key: str, cell
 
 
 def explain(model: PerformerLM, dataset: utils.TokenDataset, annotation: Annotation, classes: list[str],
-            panel: list[str], device: torch.device, gene_importance: bool, umap: bool, top_genes: int,
+            panel: list[str], precision: utils.Precision, gene_importance: bool, umap: bool, top_genes: int,
             importance_cells: int, batch_size: int, seed: int) -> tuple[pd.DataFrame | None, np.ndarray | None]:
     """The report beyond the scores: top genes per predicted type, and UMAP coordinates of the embedding."""
     importance = None
     if gene_importance:
         started = time.time()
         importance = report_utils.gene_importance(
-            model, dataset, annotation.labels, classes, panel, device, top_n=top_genes, max_cells=importance_cells,
-            batch_size=min(batch_size, 16), seed=seed, show_progress=True)
+            model, dataset, annotation.labels, classes, panel, precision.device, top_n=top_genes,
+            max_cells=importance_cells, batch_size=min(batch_size, 16), seed=seed, show_progress=True,
+            autocast=precision.autocast)
         logger.info(f"gene importance: {importance['cell_type'].nunique()} cell types in {time.time() - started:.1f} s")
     coordinates = None
     if umap:
@@ -376,7 +377,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("weighted_f1", "weighted F1")]))
 
     # report, write
-    importance, coordinates = explain(loaded.model, dataset, annotation, loaded.classes, loaded.panel, ctx.device,
+    importance, coordinates = explain(loaded.model, dataset, annotation, loaded.classes, loaded.panel, precision,
                                       args.gene_importance, args.umap, args.top_genes, args.importance_cells,
                                       batch_size, args.seed)
     scored = annotated_data(cells, annotation, loaded.classes, coordinates, args.model_path)

@@ -230,8 +230,8 @@ def classification_loss(model, class_weight: torch.Tensor | None, device, precis
             logits = model(batch["tokens"].to(device, torch.long))
         target = batch["label"].to(device)
         loss = F.cross_entropy(logits.float(), target, weight=class_weight)
-        correct = (logits.argmax(-1) == target).sum().item()
-        return loss, np.array([loss.item() * len(target), correct, len(target)])
+        correct = (logits.argmax(-1) == target).sum()
+        return loss, utils.step_statistics(loss, correct, torch.tensor(len(target), device=target.device))
 
     return loss_fn
 

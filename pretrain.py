@@ -39,29 +39,34 @@ class Masking:
 
 
 def masked_step(model, batch, masking: Masking, generator, device, precision):
-    """One forward of the MLM objective: (mean loss over masked positions, #correct, #masked, labels)."""
+    """One forward of the MLM objective, masked on the device: (mean loss over masked positions, step
+    statistics, the masked positions' label counts per bin), all left on the device."""
     mask_id = utils.unwrap(model).config.mask_token_id
-    tokens = batch["tokens"].to(torch.long)
+    tokens = batch["tokens"].to(device, torch.long, non_blocking=True)
     masked, labels = masking(tokens, generator)
-    masked, labels = masked.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     with precision.autocast():
         logits = model(masked)
     loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=mask_id)
     chosen = labels != mask_id
-    correct = (logits.argmax(-1)[chosen] == labels[chosen]).sum().item()
-    return loss, correct, int(chosen.sum().item()), labels[chosen].cpu()
+    correct = ((logits.argmax(-1) == labels) & chosen).sum()
+    label_counts = torch.bincount(labels.flatten(), minlength=mask_id + 1)[:mask_id]  # the ignore id last
+    return loss, utils.step_statistics(loss, correct, chosen.sum()), label_counts
+
+
+def masking_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def masked_loss(model, masking: Masking, seed: int, ctx: utils.DistContext,
                 precision: utils.Precision) -> Callable[[int], utils.LossFn]:
-    """The training loss of each epoch. Masking draws from a generator seeded by (seed, rank, epoch):
-    a resumed epoch masks the same way as the interrupted one."""
+    """The training loss of each epoch. Masking draws from a generator on the device seeded by (seed,
+    rank, epoch): a resumed epoch masks the same way as the interrupted one."""
     def for_epoch(epoch: int) -> utils.LossFn:
-        generator = torch.Generator().manual_seed(utils.derive_seed(seed, ctx.rank, epoch))
+        generator = masking_generator(utils.derive_seed(seed, ctx.rank, epoch), ctx.device)
 
         def loss_fn(batch):
-            loss, correct, n_masked, _ = masked_step(model, batch, masking, generator, ctx.device, precision)
-            return loss, np.array([loss.item() * n_masked, correct, n_masked])
+            loss, stats, _ = masked_step(model, batch, masking, generator, ctx.device, precision)
+            return loss, stats
 
         return loss_fn
 
@@ -77,17 +82,16 @@ def evaluate_masked(model, dataset, masking: Masking, seed: int, batch_size: int
         return {}
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(utils.derive_seed(seed, ctx.rank, 0, salt=7))
+    generator = masking_generator(utils.derive_seed(seed, ctx.rank, 0, salt=7), ctx.device)
     loader = utils.make_loader(dataset, batch_size, ctx, shuffle=False, seed=seed, epoch=0,
                                num_workers=num_workers, pad=False)
-    totals = np.zeros(3)
-    label_counts = np.zeros(model.config.num_tokens)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    label_counts = torch.zeros(model.config.mask_token_id, dtype=torch.long, device=ctx.device)
     for batch in loader:
-        loss, correct, n_masked, labels = masked_step(model, batch, masking, generator, ctx.device, precision)
-        totals += (loss.item() * n_masked, correct, n_masked)
-        label_counts += np.bincount(labels.numpy(), minlength=len(label_counts))
-    totals = utils.all_reduce_sum(totals, ctx)
-    label_counts = utils.all_reduce_sum(label_counts, ctx)
+        _, stats, counts = masked_step(model, batch, masking, generator, ctx.device, precision)
+        totals, label_counts = totals + stats, label_counts + counts
+    totals = utils.all_reduce_sum(totals.cpu().numpy(), ctx)
+    label_counts = utils.all_reduce_sum(label_counts.cpu().numpy().astype(np.float64), ctx)
     model.train(was_training)
     n = max(totals[2], 1)
     return {"valid_loss": totals[0] / n, "valid_masked_acc": totals[1] / n,

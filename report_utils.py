@@ -5,6 +5,7 @@ Nothing here reads data or checkpoints; evaluate.py hands over arrays, the model
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,7 +169,8 @@ def logistic_baseline(X_train: Any, y_train: np.ndarray, X_eval: Any, X_valid: A
 def gene_importance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, predicted: np.ndarray,
                     class_names: Sequence[str], gene_names: Sequence[str], device: torch.device,
                     top_n: int = 50, max_cells: int = 200, batch_size: int = 16, seed: int = 2021,
-                    show_progress: bool = False) -> pd.DataFrame:
+                    show_progress: bool = False,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> pd.DataFrame:
     """Top genes per predicted cell type, by gradient x input on the token embeddings.
 
     For a cell with tokens t (one per panel gene) predicted as class c, the score of class c is its
@@ -184,8 +186,9 @@ def gene_importance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, p
     so a gene ranks high when it is expressed in those cells and pushes the model towards c.
 
     `dataset[i]["tokens"]` must be the tokens of the cell whose prediction is `predicted[i]`;
-    cells labelled anything not in `class_names` (e.g. "Unassigned") are skipped. Returns a long
-    table: cell_type, rank, gene, importance, frac_expressed (among those cells), n_cells.
+    cells labelled anything not in `class_names` (e.g. "Unassigned") are skipped. `autocast()`: the
+    precision the forward and backward run in (the annotation's). Returns a long table: cell_type,
+    rank, gene, importance, frac_expressed (among those cells), n_cells.
     """
     genes = list(gene_names)
     rows: list[dict[str, Any]] = []
@@ -224,7 +227,7 @@ def gene_importance(model: torch.nn.Module, dataset: torch.utils.data.Dataset, p
                 fetch = getattr(dataset, "__getitems__", None)  # TokenDataset tokenises a batch at once
                 items = fetch([int(i) for i in chunk]) if fetch else [dataset[int(i)] for i in chunk]
                 tokens = torch.stack([item["tokens"] for item in items]).long().to(device)
-                with torch.enable_grad():
+                with torch.enable_grad(), autocast():
                     logits, _ = model.classify(tokens)
                     centred = logits[:, c] - logits.mean(dim=1)
                     (grad,) = torch.autograd.grad(centred.sum(), captured["emb"])

@@ -103,12 +103,24 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     try:
         configure_from_environment()
         return main(args)
-    except InputError as err:
+    except (InputError, torch.OutOfMemoryError) as err:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err if isinstance(err, InputError) else out_of_memory_message(err, args)}", file=sys.stderr)
         cleanup_distributed(sync=False)
         sys.exit(2)
+
+
+def out_of_memory_message(err: BaseException, args: Any) -> str:
+    """One line for a device that ran out of memory, with the flags that use less."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+    batch = getattr(args, "batch_size", None)
+    advice = f"lower --batch_size (now {batch})" if batch else "lower --batch_size"
+    if hasattr(args, "grad_checkpoint") and not args.grad_checkpoint:
+        advice += " or add --grad_checkpoint"
+    if hasattr(args, "grad_acc") and batch:
+        advice += "; --grad_acc keeps the effective batch"
+    return f"the device ran out of memory ({first[:160]}); {advice}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,22 +143,43 @@ class DistContext:
         return self.world_size > 1
 
 
+def choose_device(requested: str, local_rank: int, world_size: int, gpus: int) -> torch.device:
+    """--device as asked, for this process. `auto` and `cuda` give each rank its own GPU,
+    LOCAL_RANK modulo the visible GPUs (so a launcher that shows each process only its own GPU works
+    as one that shows all of them); `cuda:N` is that GPU, for one process; `cpu` the CPU."""
+    requested = requested.strip().lower()
+    if requested == "cpu" or (requested == "auto" and gpus == 0):
+        return torch.device("cpu")
+    if requested not in ("auto", "cuda") and not requested.startswith("cuda:"):
+        raise InputError(f"--device {requested!r} is not understood; use auto, cpu, cuda or cuda:N")
+    if gpus == 0:
+        raise InputError(f"--device {requested} was asked for but no CUDA GPU is visible; use --device cpu")
+    if requested.startswith("cuda:"):
+        index = requested[5:]
+        if not index.isdigit() or int(index) >= gpus:
+            raise InputError(f"--device {requested}: {gpus} GPU(s) are visible (cuda:0 to cuda:{gpus - 1}); "
+                             f"pick one of them, or CUDA_VISIBLE_DEVICES to choose which are visible")
+        if world_size > 1:
+            raise InputError(f"--device {requested} would put all {world_size} processes on one GPU; under torchrun "
+                             f"use --device cuda (each rank takes its own) and CUDA_VISIBLE_DEVICES to choose GPUs")
+        return torch.device("cuda", int(index))
+    return torch.device("cuda", local_rank % gpus)
+
+
 def setup_distributed(device: str = "auto") -> DistContext:
     """One process, or one of several started by torchrun (read from its environment variables):
-    gloo on CPU, nccl on CUDA."""
+    gloo on CPU, nccl on CUDA. On a GPU, fp32 matmuls run in TF32 (10-bit mantissa products,
+    fp32 sums: what autocast leaves in fp32 is mostly LayerNorm and sums, not matmuls)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = choose_device(device, local_rank, world_size, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistContext(rank, world_size, local_rank, dev)
 
 
@@ -205,8 +238,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_amp(mode: str, device: torch.device) -> str:
     if mode == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        if device.type == "cuda":  # not where bf16 is emulated (V100, T4): slower than fp32 there
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "none"
         return "bf16" if cpu_has_fast_bf16() else "none"
     if mode == "fp16" and device.type != "cuda":
         raise InputError("--amp fp16 needs a CUDA GPU and none is in use; use --amp bf16 or --amp none")
@@ -362,14 +395,22 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """The RNGs as `rng_state` saved them. CUDA generators are per device: restored only where this
+    node has as many GPUs as the one that saved them (with a note otherwise: the CPU, numpy and
+    Python generators, which decide masking and the order of cells, are restored all the same)."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available():
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+        else:
+            logger.info(f"note: the checkpoint's CUDA generators come from {len(saved)} GPU(s), this node has "
+                        f"{torch.cuda.device_count()}: they start afresh (dropout on a GPU draws differently)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,11 +446,23 @@ def to_plain(obj: Any, for_json: bool = False) -> Any:
     return str(obj)
 
 
+def on_cpu(obj: Any) -> Any:
+    """Every tensor in obj (dicts, lists, tuples) copied to the CPU: a checkpoint written on a GPU
+    loads anywhere, and torch.load does not need map_location."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """torch.save to a temporary file beside the target, then an atomic rename: a crash mid-write
     leaves the previous checkpoint intact. Contents must load with weights_only=True."""
     path = Path(path)
-    state = to_plain(state)
+    state = to_plain(on_cpu(state))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -686,9 +739,9 @@ def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tupl
             precision.backward(loss / grad_acc, optimizer)
         if last_micro:
             precision.step(optimizer, params, clip)
-        totals = stats if totals is None else totals + stats
+        totals = stats if totals is None else totals + stats  # on the device: read once, after the epoch
     optimizer.zero_grad(set_to_none=True)  # nothing accumulated leaks into the next epoch
-    return totals if totals is not None else np.zeros(1)
+    return totals.cpu().numpy() if totals is not None else np.zeros(1)
 
 
 class Predictions(NamedTuple):
@@ -774,7 +827,15 @@ def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
 # --------------------------------------------------------------------------------------------------
 # the epoch loop both trainers run
 
-LossFn = Callable[[Any], tuple[torch.Tensor, np.ndarray]]  # batch -> (loss, [summed loss, correct, count])
+# batch -> (loss, float64 tensor [summed loss, correct, count] on the loss's device)
+LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def step_statistics(loss: torch.Tensor, correct: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """A step's [summed loss, correct, count] as one float64 tensor, left on the device (reading it
+    every step would wait for the GPU)."""
+    count = count.double()
+    return torch.stack((loss.detach().double() * count, correct.double(), count))
 
 
 @dataclass

@@ -172,7 +172,7 @@ def test_chunk_threads_run_the_plan_of_the_caller(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert {name.startswith("favor") for name, _, _ in seen} == {True}
-    assert len({name for name, _, _ in seen}) == 2 and max(rows for _, rows, _ in seen) <= 8
+    assert max(rows for _, rows, _ in seen) <= 8
     assert {chunk for _, _, chunk in seen} == {None}  # the workers never read the settings themselves
     assert (threaded - plain).abs().max().item() < 1e-12
 

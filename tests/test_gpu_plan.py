@@ -191,3 +191,127 @@ def test_the_redraw_counter_lives_in_python_and_survives_a_checkpoint(tmp_path):
     assert loaded.performer.redraw_count == 1 and int(loaded.performer.calls_since_last_redraw) == 0
     after = [m.projection_matrix for m in loaded.modules() if hasattr(m, "projection_matrix")]
     assert all(not torch.equal(a, b) for a, b in zip(projections, after))
+
+
+# --------------------------------------------------------------------------------------------------
+# the scripts on a GPU node: device, precision, masking, checkpoints, errors
+
+
+def test_each_process_gets_its_device():
+    import train_utils
+    from data_utils import InputError
+
+    choose = train_utils.choose_device
+    assert choose("auto", 0, 1, 0) == torch.device("cpu") and choose("cpu", 3, 4, 8) == torch.device("cpu")
+    assert choose("auto", 3, 4, 8) == torch.device("cuda", 3) and choose("cuda", 3, 4, 1) == torch.device("cuda", 0)
+    assert choose("auto", 5, 8, 4) == torch.device("cuda", 1)  # LOCAL_RANK modulo the visible GPUs
+    assert choose("cuda:1", 0, 1, 2) == torch.device("cuda", 1)  # honoured, not GPU 0
+    for requested, world, gpus, words in (("cuda:2", 1, 2, "2 GPU"), ("cuda:0", 2, 2, "one GPU"),
+                                          ("cuda", 1, 0, "no CUDA GPU"), ("gpu", 1, 1, "not understood")):
+        with pytest.raises(InputError, match=words):
+            choose(requested, 0, world, gpus)
+
+
+def test_amp_auto_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    import train_utils
+
+    # a V100 or T4: bf16 only emulated, which is_bf16_supported() counts unless told not to
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train_utils.resolve_amp("auto", torch.device("cuda")) == "none"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # sm80+
+    assert train_utils.resolve_amp("auto", torch.device("cuda")) == "bf16"
+
+
+def test_cuda_generators_are_restored_only_on_as_many_gpus(monkeypatch, caplog):
+    import train_utils
+
+    state = train_utils.rng_state()
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    for gpus, saved in ((2, 2), (1, 2)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        train_utils.set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)] * saved})
+    assert len(restored) == 1 and "come from 2 GPU(s), this node has 1" in caplog.text
+
+
+def test_a_device_out_of_memory_is_one_line_with_what_to_change(capsys):
+    import argparse
+
+    import train_utils
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--grad_acc", type=int, default=1)
+    parser.add_argument("--grad_checkpoint", action="store_true")
+
+    def main(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_utils.run_main(main, parser, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: the device ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert "lower --batch_size (now 8) or add --grad_checkpoint" in err[0]
+
+
+def test_checkpoints_hold_cpu_copies(tmp_path, monkeypatch):
+    """A checkpoint written on a GPU must load anywhere: every tensor in it is copied to the CPU."""
+    import train_utils
+
+    net = random_model(get_config("tiny", gene_num=20))
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.zeros(1, 21, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    state = {"epoch": 1, **train_utils.model_checkpoint_fields(net), "optimizer_state_dict": optimizer.state_dict(),
+             "rng_state": train_utils.rng_state()}
+    copied = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copied.append(self.shape) or cpu(self, *a, **k))
+    train_utils.save_checkpoint(tmp_path / "ckpt.pth", state)
+    tensors = []
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, dict):
+            [walk(v) for v in obj.values()]
+        elif isinstance(obj, (list, tuple)):
+            [walk(v) for v in obj]
+
+    walk(state)
+    assert len(copied) == len(tensors) > len(net.state_dict())  # model, optimiser moments and RNG states
+
+
+def test_masking_and_the_pretraining_step_read_nothing_back(count_host_reads):
+    import pretrain
+    import utils
+
+    config = get_config("tiny", gene_num=200, feature_redraw_interval=0)
+    net = random_model(config).train()
+    tokens = torch.zeros(4, config.seq_len, dtype=torch.uint8)
+    tokens[:, :60] = torch.randint(0, 6, (4, 60), generator=torch.Generator().manual_seed(2))
+    masking = pretrain.Masking(0.15, 0.8, 0.1, config.bin_num)
+    precision = utils.Precision("bf16", torch.device("cpu"))
+    with count_host_reads:
+        loss, stats, counts = pretrain.masked_step(net, {"tokens": tokens}, masking, torch.Generator().manual_seed(3),
+                                                   torch.device("cpu"), precision)
+        loss.backward()
+    assert count_host_reads.reads == []
+    masked_positions = int(stats[2])
+    assert masked_positions == int(counts.sum()) == sum(-(-int((t[:-1] > 0).sum()) * 15 // 100) for t in tokens)
+
+
+def test_gene_importance_runs_in_the_annotations_precision():
+    import report_utils
+
+    config = get_config("tiny", gene_num=30)
+    net = random_model(config).attach_classifier(2).eval()
+    dtypes = []
+    net.to_out.fc3.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    dataset = [{"tokens": torch.randint(0, 6, (config.seq_len,))} for _ in range(4)]
+    genes = [f"G{i}" for i in range(30)]
+    report_utils.gene_importance(net, dataset, ["a", "b", "a", "b"], ["a", "b"], genes, torch.device("cpu"), top_n=3,
+                                 autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
