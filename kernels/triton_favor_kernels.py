@@ -1,0 +1,262 @@
+"""The Triton kernels behind kernels.triton_favor (which documents the maths and launches them).
+Importing this module imports triton: kernels.triton_favor imports it on the first launch only, so
+that `import kernels` works without triton.
+
+Every kernel keeps its (positions x features) tile of projections p = x (c W)^T and features in
+registers; only d-wide rows, the (m, d) sums and per-row scalars touch memory. Tiles are BLOCK_N
+positions by BLOCK_M features by the head width d (padded to BLOCK_D, a power of two >= 16).
+Matmuls accumulate in float32 with the operands cast to DOT_DTYPE: the storage dtype on a GPU,
+float32 under the interpreter (whose bfloat16 dot multiplies raw bits). The projections that the
+ties of a maximum are found in are computed by one helper (`_projections`) at the same block sizes
+in a forward and its backward, so that a recomputed maximum is bit-for-bit the stored one.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(base, rows, cols, stride_n, stride_d, n, d):
+    """A (rows, cols) tile of one head's (n, d) matrix, zero outside it."""
+    mask = (rows[:, None] < n) & (cols[None, :] < d)
+    return tl.load(base + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _projections(x, w, valid, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """p = x w^T (BLOCK_N, BLOCK_M) in float32, -inf outside `valid`."""
+    zero = tl.zeros((x.shape[0], w.shape[0]), dtype=tl.float32)
+    p = _dot(x, tl.trans(w), zero, DOT_DTYPE, PRECISION)
+    return tl.where(valid, p, float("-inf"))
+
+
+@triton.jit
+def favor_keys_kernel(
+    k_ptr, v_ptr, w_ptr, context_ptr, k_sum_ptr, max_ptr, count_ptr, v_sum_ptr,
+    stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
+    n, h, m, d, half_c2, tiles_per_split, splits,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (splits, feature blocks, b * h). One program sums one feature block over one split of
+    the positions with its own running maximum (rescaling what it has when the maximum rises) and
+    writes partial sums relative to that maximum, the number of entries equal to it, and (feature
+    block 0) the split's sum of v. Partial layouts: context (b, h, splits, m_pad, d), k_sum
+    (b, h, splits, m_pad), max and count (b, h, splits, feature blocks), v_sum (b, h, splits, d)."""
+    split = tl.program_id(0)
+    block = tl.program_id(1)
+    bh = tl.program_id(2)
+    cell = bh // h
+    head = bh % h
+    m_blocks = tl.num_programs(1)
+    feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    w = _load_rows(w_ptr, feats, cols, d, 1, m, d)  # (BLOCK_M, BLOCK_D), kept for every tile
+    k_base = k_ptr + cell.to(tl.int64) * stride_kb + head * stride_kh
+    v_base = v_ptr + cell.to(tl.int64) * stride_vb + head * stride_vh
+
+    run_max = tl.max(tl.full((BLOCK_M,), float("-inf"), tl.float32), 0)
+    count = tl.sum(tl.zeros((BLOCK_M,), tl.float32), 0)
+    context = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_sum = tl.zeros((BLOCK_M,), tl.float32)
+    v_sum = tl.zeros((BLOCK_D,), tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n, BLOCK_N))
+    for tile in range(first, last):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, rows, cols, stride_kn, stride_kd, n, d)
+        v = _load_rows(v_base, rows, cols, stride_vn, stride_vd, n, d)
+        valid = (rows[:, None] < n) & (feats[None, :] < m)
+        p = _projections(k, w, valid, DOT_DTYPE, PRECISION)  # (BLOCK_N, BLOCK_M)
+        new_max = tl.maximum(run_max, tl.max(tl.max(p, 1), 0))
+        kf = k.to(tl.float32)
+        a = tl.sum(kf * kf, 1) * half_c2
+        e = tl.exp(p - a[:, None] - new_max)  # 0 outside `valid`
+        rescale = tl.exp(run_max - new_max)
+        context = _dot(tl.trans(e), v, context * rescale, DOT_DTYPE, PRECISION)
+        k_sum = k_sum * rescale + tl.sum(e, 0)
+        ties = tl.sum(tl.sum((p == new_max).to(tl.float32), 1), 0)
+        count = tl.where(new_max == run_max, count, 0.0) + ties
+        run_max = new_max
+        v_sum += tl.sum(v.to(tl.float32), 0)
+
+    part = bh * splits + split  # (cell, head, split) of the partial layouts
+    m_pad = m_blocks * BLOCK_M
+    offsets = part.to(tl.int64) * m_pad * d + feats[:, None] * d + cols[None, :]
+    tl.store(context_ptr + offsets, context, mask=cols[None, :] < d)
+    tl.store(k_sum_ptr + part.to(tl.int64) * m_pad + feats, k_sum)
+    tl.store(max_ptr + part * m_blocks + block, run_max)
+    tl.store(count_ptr + part * m_blocks + block, count)
+    tl.store(v_sum_ptr + part.to(tl.int64) * d + cols, v_sum, mask=cols < tl.where(block == 0, d, 0))
+
+
+@triton.jit
+def favor_queries_kernel(
+    q_ptr, w_ptr, context_ptr, k_sum_ptr, eps_v_ptr, eps_s_ptr, out_ptr, row_max_ptr, den_ptr, row_count_ptr,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    n, h, m, d, half_c2,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (position tiles, b * h). Loops over the feature blocks with an online row maximum;
+    context (b, h, m, d) in the compute dtype and k_sum (b, h, m) are the finished key sums, eps_v
+    (b, h, d) and eps_s (b, h) their eps terms. Writes out (b, n, h, d, contiguous) and, for the
+    backward, each row's maximum, normaliser and number of features at its maximum (b, h, n)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    cell = bh // h
+    head = bh % h
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + cell.to(tl.int64) * stride_qb + head * stride_qh, rows, cols, stride_qn, stride_qd, n, d)
+    qf = q.to(tl.float32)
+    a = tl.sum(qf * qf, 1) * half_c2
+    sums = bh.to(tl.int64) * m
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    count = tl.zeros((BLOCK_N,), tl.float32)
+    num = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    den = tl.zeros((BLOCK_N,), tl.float32)
+    for block in range(0, tl.cdiv(m, BLOCK_M)):
+        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
+        context = _load_rows(context_ptr + sums * d, feats, cols, d, 1, m, d)
+        k_sum = tl.load(k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        p = _projections(q, w, feats[None, :] < m, DOT_DTYPE, PRECISION)  # rows past n: q = 0, finite
+        new_max = tl.maximum(run_max, tl.max(p, 1))
+        rescale = tl.exp(run_max - new_max)
+        e = tl.exp(p - (new_max + a)[:, None])
+        num = _dot(e, context, num * rescale[:, None], DOT_DTYPE, PRECISION)
+        den = den * rescale + tl.sum(e * k_sum[None, :], 1)
+        ties = tl.sum((p == new_max[:, None]).to(tl.float32), 1)
+        count = tl.where(new_max == run_max, count, 0.0) + ties
+        run_max = new_max
+    eps_v = tl.load(eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)
+    den = den + tl.load(eps_s_ptr + bh)
+    out = (num + eps_v[None, :]) / den[:, None]
+    out_offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
+    tl.store(out_ptr + out_offsets, out, mask=(rows[:, None] < n) & (cols[None, :] < d))
+    row_offsets = bh.to(tl.int64) * n + rows
+    tl.store(row_max_ptr + row_offsets, run_max, mask=rows < n)
+    tl.store(den_ptr + row_offsets, den, mask=rows < n)
+    tl.store(row_count_ptr + row_offsets, count, mask=rows < n)
+
+
+@triton.jit
+def favor_queries_grad_kernel(
+    q_ptr, g_ptr, out_ptr, den_ptr, row_max_ptr, row_count_ptr, w_ptr, context_ptr, k_sum_ptr, eps_v_ptr, eps_s_ptr,
+    dq_ptr, d_context_ptr, d_k_sum_ptr, g_num_sum_ptr, g_den_sum_ptr,
+    stride_qb, stride_qn, stride_qh, stride_qd, stride_gb, stride_gn, stride_gh, stride_gd,
+    n, h, m, d, half_c2,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (position tiles, b * h). With g = d loss / d out, g_num = g / den and g_den =
+    -(g . out) / den, recomputes the query features block by block: writes dq (b, n, h, d,
+    contiguous) and adds this tile's d context = f^T g_num and d k_sum = f^T g_den (without the
+    queries' eps terms) and its sums of g_num and g_den (for those eps terms) into float32 buffers
+    (b, h, m, d), (b, h, m), (b, h, d), (b, h) with atomics. The features' sum of d loss / d p,
+    which the row maximum and the query norm receive, has a closed form that needs no pass over
+    the features: eps ((g . out) sum_j s_j - g . sum_j C_j) / den."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    cell = bh // h
+    head = bh % h
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + cell.to(tl.int64) * stride_qb + head * stride_qh, rows, cols, stride_qn, stride_qd, n, d)
+    g = _load_rows(g_ptr + cell.to(tl.int64) * stride_gb + head * stride_gh, rows, cols, stride_gn, stride_gd,
+                   n, d).to(tl.float32)
+    out = _load_rows(out_ptr + cell.to(tl.int64) * n * h * d + head * d, rows, cols, h * d, 1, n, d).to(tl.float32)
+    row_offsets = bh.to(tl.int64) * n + rows
+    den = tl.load(den_ptr + row_offsets, mask=rows < n, other=1.0)
+    row_max = tl.load(row_max_ptr + row_offsets, mask=rows < n, other=0.0)
+    row_count = tl.load(row_count_ptr + row_offsets, mask=rows < n, other=1.0)
+    eps_v = tl.load(eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)
+    eps_s = tl.load(eps_s_ptr + bh)
+    qf = q.to(tl.float32)
+    a = tl.sum(qf * qf, 1) * half_c2
+    g_out = tl.sum(g * out, 1)
+    g_num = g / den[:, None]  # (BLOCK_N, BLOCK_D), 0 outside the rows
+    g_den = -g_out / den
+    row_sum = (g_out * eps_s - tl.sum(g * eps_v[None, :], 1)) / den  # sum_j d loss / d p_j
+    tie_share = row_sum / row_count
+    sums = bh.to(tl.int64) * m
+    dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for block in range(0, tl.cdiv(m, BLOCK_M)):
+        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
+        context = _load_rows(context_ptr + sums * d, feats, cols, d, 1, m, d)
+        k_sum = tl.load(k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        valid = (rows[:, None] < n) & (feats[None, :] < m)
+        p = _projections(q, w, valid, DOT_DTYPE, PRECISION)
+        e = tl.exp(p - (row_max + a)[:, None])  # f - eps; 0 outside `valid`
+        zero = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        d_feat = _dot(g_num, tl.trans(context), zero, DOT_DTYPE, PRECISION) + g_den[:, None] * k_sum[None, :]
+        ties = valid & (p == row_max[:, None])
+        d_proj = d_feat * e - tl.where(ties, tie_share[:, None], 0.0)
+        dq = _dot(d_proj, w, dq, DOT_DTYPE, PRECISION)
+        d_context = _dot(tl.trans(e), g_num, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), DOT_DTYPE, PRECISION)
+        tl.atomic_add(d_context_ptr + (sums + feats[:, None]) * d + cols[None, :], d_context,
+                      mask=(feats[:, None] < m) & (cols[None, :] < d))
+        tl.atomic_add(d_k_sum_ptr + sums + feats, tl.sum(e * g_den[:, None], 0), mask=feats < m)
+    dq = dq - (row_sum * 2.0 * half_c2)[:, None] * qf  # d a / d q = c^2 q
+    dq_offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
+    tl.store(dq_ptr + dq_offsets, dq, mask=(rows[:, None] < n) & (cols[None, :] < d))
+    tl.atomic_add(g_num_sum_ptr + bh.to(tl.int64) * d + cols, tl.sum(g_num, 0), mask=cols < d)
+    tl.atomic_add(g_den_sum_ptr + bh, tl.sum(g_den, 0))
+
+
+@triton.jit
+def favor_keys_grad_kernel(
+    k_ptr, v_ptr, w_ptr, d_context_ptr, d_k_sum_ptr, d_eps_v_ptr, key_max_ptr, d_key_max_ptr, key_count_ptr,
+    dk_ptr, dv_ptr,
+    stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
+    n, h, m, d, half_c2,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (position tiles, b * h). d_context (b, h, m, d) in the compute dtype and d_k_sum
+    (b, h, m) are the finished gradients of the key sums, d_eps_v (b, h, d) = eps sum_j dC_j.
+    Recomputes the key features block by block and writes dk, dv (b, n, h, d, contiguous). The
+    gradient through the cell's key maximum, d_key_max (b,), is shared by the entries whose
+    projection equals the stored maximum, key_count (b,) of them (counted in the forward)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    cell = bh // h
+    head = bh % h
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_ptr + cell.to(tl.int64) * stride_kb + head * stride_kh, rows, cols, stride_kn, stride_kd, n, d)
+    v = _load_rows(v_ptr + cell.to(tl.int64) * stride_vb + head * stride_vh, rows, cols, stride_vn, stride_vd, n, d)
+    kf = k.to(tl.float32)
+    a = tl.sum(kf * kf, 1) * half_c2
+    key_max = tl.load(key_max_ptr + cell)
+    tie_share = tl.load(d_key_max_ptr + cell) / tl.load(key_count_ptr + cell)
+    sums = bh.to(tl.int64) * m
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    row_sum = tl.zeros((BLOCK_N,), tl.float32)
+    for block in range(0, tl.cdiv(m, BLOCK_M)):
+        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
+        d_context = _load_rows(d_context_ptr + sums * d, feats, cols, d, 1, m, d)
+        d_k_sum = tl.load(d_k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        valid = (rows[:, None] < n) & (feats[None, :] < m)
+        p = _projections(k, w, valid, DOT_DTYPE, PRECISION)
+        e = tl.exp(p - a[:, None] - key_max)  # phi - eps; 0 outside `valid`
+        zero = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        d_expo = (_dot(v, tl.trans(d_context), zero, DOT_DTYPE, PRECISION) + d_k_sum[None, :]) * e
+        row_sum += tl.sum(d_expo, 1)
+        d_proj = d_expo + tl.where(valid & (p == key_max), tie_share, 0.0)
+        dk = _dot(d_proj, w, dk, DOT_DTYPE, PRECISION)
+        dv = _dot(e, d_context, dv, DOT_DTYPE, PRECISION)
+    dk = dk - (row_sum * 2.0 * half_c2)[:, None] * kf
+    dv = dv + tl.load(d_eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)[None, :]
+    offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
+    mask = (rows[:, None] < n) & (cols[None, :] < d)
+    tl.store(dk_ptr + offsets, dk, mask=mask)
+    tl.store(dv_ptr + offsets, dv, mask=mask)
