@@ -31,7 +31,7 @@ count (b,), and per row the maximum, normaliser and tie count (b, h, n); never (
 Storage in the inputs' dtype, accumulation, exponents and sums in float32; matmul operands in the
 storage dtype (bfloat16 tensor cores; float32 as "ieee", or "tf32" when
 torch.backends.cuda.matmul.allow_tf32 is set). The features are padded to a multiple of the
-feature block (m = 266: 320 with blocks of 64, 384 with 128).
+feature block (m = 266: 288 with blocks of 32, 320 with 64, 384 with 128).
 """
 from __future__ import annotations
 
@@ -52,13 +52,15 @@ class Blocks(NamedTuple):
     """The tile sizes of a launch (powers of two >= 16)."""
 
     block_n: int = 64  # positions per tile
-    block_m: int = 64  # features per block; m is padded up to a multiple
+    block_m: int = 32  # features per block; m is padded up to a multiple (266 -> 288)
     key_tiles: int = 16  # position tiles per keys program (more programs: more partial sums to merge)
     num_warps: int = 4
+    num_stages: int = 2  # software pipelining of the loops' loads
 
 
+# 64 x 64 tiles spill registers on sm_80 in both backward kernels (test_triton_kernels reports it)
 GPU_BLOCKS = Blocks()
-INTERPRETER_BLOCKS = Blocks(block_n=32, block_m=32, key_tiles=4, num_warps=1)
+INTERPRETER_BLOCKS = Blocks(block_n=32, block_m=32, key_tiles=4, num_warps=1, num_stages=1)
 
 
 def interpreting() -> bool:
@@ -67,7 +69,10 @@ def interpreting() -> bool:
 
 
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (import blocked)
+        return False
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -124,7 +129,8 @@ class _Launch(NamedTuple):
 
     def kwargs(self) -> dict:
         return dict(BLOCK_N=self.blocks.block_n, BLOCK_M=self.blocks.block_m, BLOCK_D=self.block_d,
-                    DOT_DTYPE=self.dot_dtype, PRECISION=self.precision, num_warps=self.blocks.num_warps)
+                    DOT_DTYPE=self.dot_dtype, PRECISION=self.precision, num_warps=self.blocks.num_warps,
+                    num_stages=self.blocks.num_stages)
 
 
 def _launch(dtype: torch.dtype, d: int, blocks: Blocks, tf32: bool) -> _Launch:
@@ -229,14 +235,13 @@ def _check_inputs(q, k, v, w) -> None:
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::triton_favor", mutates_args=())
 def _favor_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, block_n: int, block_m: int,
-              key_tiles: int, num_warps: int, tf32: bool) -> tuple[(torch.Tensor,) * 9]:
+              key_tiles: int, num_warps: int, num_stages: int, tf32: bool) -> tuple[(torch.Tensor,) * 9]:
     _check_inputs(q, k, v, w)
-    w = w.contiguous()
-    return _forward(q, k, v, w, Blocks(block_n, block_m, key_tiles, num_warps), tf32)
+    return _forward(q, k, v, w.contiguous(), Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
 
 
 @_favor_op.register_fake
-def _favor_op_fake(q, k, v, w, block_n, block_m, key_tiles, num_warps, tf32):
+def _favor_op_fake(q, k, v, w, *config):
     _check_inputs(q, k, v, w)
     b, n, h, d = q.shape
     m = w.shape[0]
@@ -251,9 +256,9 @@ def _favor_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: tor
                        grad: torch.Tensor, context: torch.Tensor, k_sum: torch.Tensor, v_sum: torch.Tensor,
                        key_max: torch.Tensor, key_count: torch.Tensor, row_max: torch.Tensor, den: torch.Tensor,
                        row_count: torch.Tensor, block_n: int, block_m: int, key_tiles: int, num_warps: int,
-                       tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       num_stages: int, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(q, k, v, w.contiguous(), out, grad, context, k_sum, v_sum, key_max, key_count, row_max, den,
-                     row_count, Blocks(block_n, block_m, key_tiles, num_warps), tf32)
+                     row_count, Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
 
 
 @_favor_backward_op.register_fake
@@ -271,7 +276,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _favor_op_backward(ctx, grad, *unused):
     q, k, v, w, out, *state = ctx.saved_tensors
     dq, dk, dv = _favor_backward_op(q, k, v, w, out, grad, *state, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(ctx.config) + 1)
 
 
 _favor_op.register_autograd(_favor_op_backward, setup_context=_setup_context)
@@ -286,4 +291,89 @@ def favor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projectio
         blocks = INTERPRETER_BLOCKS if q.device.type == "cpu" else GPU_BLOCKS
     tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     w = scaled_projection(projection.detach(), q.dtype)
-    return _favor_op(q, k, v, w, blocks.block_n, blocks.block_m, blocks.key_tiles, blocks.num_warps, tf32)[0]
+    return _favor_op(q, k, v, w, *blocks, tf32)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# compiling for a GPU without one
+
+
+# pointers in the storage dtype, per kernel (the others are float32)
+_STORAGE_POINTERS = {
+    "favor_keys_kernel": ("k_ptr", "v_ptr", "w_ptr"),
+    "favor_queries_kernel": ("q_ptr", "w_ptr", "context_ptr", "out_ptr"),
+    "favor_queries_grad_kernel": ("q_ptr", "g_ptr", "out_ptr", "w_ptr", "context_ptr", "dq_ptr"),
+    "favor_keys_grad_kernel": ("k_ptr", "v_ptr", "w_ptr", "d_context_ptr", "dk_ptr", "dv_ptr"),
+}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers, stack, local and static shared memory of a cubin, as cuobjdump (shipped with
+    triton) reports them."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", file.name], check=True, capture_output=True,
+                              text=True).stdout
+    usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    if "reg" not in usage:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {text!r}")
+    return usage
+
+
+def compile_report(capability: int, dtype: torch.dtype = torch.bfloat16, blocks: Blocks = GPU_BLOCKS,
+                   d: int = 64) -> list[dict]:
+    """Compiles the four kernels for a CUDA GPU of the given compute capability (80, 90, ...)
+    without one, specialised as a launch on (b, n, 3, h, d) views of one qkv tensor would be
+    (16-byte aligned pointers, unit d strides, the other strides and d multiples of 16), and
+    reports per kernel: registers per thread, spilled bytes (stack and local memory), shared memory
+    (triton's dynamic allocation, and static) and the seconds it took. Needs triton without
+    TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreting():
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
+    kern = _kernels()
+    launch = _launch(dtype, d, blocks, tf32=False)
+    storage = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    constexprs = dict(BLOCK_N=blocks.block_n, BLOCK_M=blocks.block_m, BLOCK_D=launch.block_d,
+                      DOT_DTYPE=launch.dot_dtype, PRECISION=launch.precision)
+    target = GPUTarget("cuda", capability, 32)
+    report = []
+    for name, pointers in _STORAGE_POINTERS.items():
+        fn = getattr(kern, name)
+        signature, attrs, constants = {}, {}, dict(constexprs)
+        for index, arg in enumerate(fn.arg_names):
+            if arg in constants:
+                signature[arg] = "constexpr"
+            elif arg.startswith("stride_") and arg.endswith("d"):
+                signature[arg], constants[arg] = "constexpr", 1  # as the JIT specialises a 1
+            elif arg.endswith("_ptr"):
+                signature[arg] = storage if arg in pointers else "*fp32"
+                attrs[(index,)] = [["tt.divisibility", 16]]
+            elif arg == "half_c2":
+                signature[arg] = "fp32"
+            else:
+                signature[arg] = "i32"
+                if arg.startswith("stride_") or arg == "d":
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        start = time.perf_counter()
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
+                                  target=target, options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
+        seconds = time.perf_counter() - start
+        usage = _resource_usage(compiled.asm["cubin"])
+        report.append(dict(kernel=name, capability=capability, registers=usage["reg"],
+                           spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
+                           shared_bytes=int(compiled.metadata.shared), static_shared_bytes=usage.get("shared", 0),
+                           seconds=round(seconds, 2)))
+    return report

@@ -180,12 +180,14 @@ def favor_queries_grad_kernel(
     qf = q.to(tl.float32)
     a = tl.sum(qf * qf, 1) * half_c2
     g_out = tl.sum(g * out, 1)
-    g_num = g / den[:, None]  # (BLOCK_N, BLOCK_D), 0 outside the rows
+    g_num = (g / den[:, None]).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D), 0 outside the rows; a dot operand only
     g_den = -g_out / den
     row_sum = (g_out * eps_s - tl.sum(g * eps_v[None, :], 1)) / den  # sum_j d loss / d p_j
     tie_share = row_sum / row_count
     sums = bh.to(tl.int64) * m
-    dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dq = -(row_sum * 2.0 * half_c2)[:, None] * qf  # through a: d a / d q = c^2 q
+    tl.atomic_add(g_num_sum_ptr + bh.to(tl.int64) * d + cols, tl.sum(g_num.to(tl.float32), 0), mask=cols < d)
+    tl.atomic_add(g_den_sum_ptr + bh, tl.sum(g_den, 0))
     for block in range(0, tl.cdiv(m, BLOCK_M)):
         feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
         w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
@@ -203,11 +205,8 @@ def favor_queries_grad_kernel(
         tl.atomic_add(d_context_ptr + (sums + feats[:, None]) * d + cols[None, :], d_context,
                       mask=(feats[:, None] < m) & (cols[None, :] < d))
         tl.atomic_add(d_k_sum_ptr + sums + feats, tl.sum(e * g_den[:, None], 0), mask=feats < m)
-    dq = dq - (row_sum * 2.0 * half_c2)[:, None] * qf  # d a / d q = c^2 q
     dq_offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
     tl.store(dq_ptr + dq_offsets, dq, mask=(rows[:, None] < n) & (cols[None, :] < d))
-    tl.atomic_add(g_num_sum_ptr + bh.to(tl.int64) * d + cols, tl.sum(g_num, 0), mask=cols < d)
-    tl.atomic_add(g_den_sum_ptr + bh, tl.sum(g_den, 0))
 
 
 @triton.jit
@@ -254,7 +253,7 @@ def favor_keys_grad_kernel(
         d_proj = d_expo + tl.where(valid & (p == key_max), tie_share, 0.0)
         dk = _dot(d_proj, w, dk, DOT_DTYPE, PRECISION)
         dv = _dot(e, d_context, dv, DOT_DTYPE, PRECISION)
-    dk = dk - (row_sum * 2.0 * half_c2)[:, None] * kf
+    dk = dk - (row_sum * 2.0 * half_c2)[:, None] * k.to(tl.float32)  # through a
     dv = dv + tl.load(d_eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)[None, :]
     offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
     mask = (rows[:, None] < n) & (cols[None, :] < d)
