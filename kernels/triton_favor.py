@@ -35,10 +35,15 @@ feature block (m = 266: 288 with blocks of 32, 320 with 64, 384 with 128).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import re
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -78,23 +83,26 @@ def triton_importable() -> bool:
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether favor_attention runs here: a CUDA GPU of compute capability >= 8.0 with bfloat16 or
     float32 and triton installed, or the CPU under Triton's interpreter (TRITON_INTERPRET=1).
-    float16 is not offered (its exponent range is too narrow for unnormalised sums)."""
+    float16 is not offered: the key sums C, cast to the storage dtype for the queries' matmul, can
+    outgrow its range (65,504) over 16,907 positions."""
     device = torch.device(device)
     if dtype not in (torch.float32, torch.bfloat16) or not triton_importable():
         return False
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and interpreting()
+    return device.type == "cpu" and (interpreting() if _kernel_module is None else _kernels_interpreted)
 
 
 _kernel_module = None
+_kernels_interpreted = False  # whether the kernels were defined under the interpreter
 
 
 def _kernels():
     """kernels.triton_favor_kernels, imported on first use (triton reads TRITON_INTERPRET when a
     kernel is defined, so the mode is fixed from then on)."""
-    global _kernel_module
+    global _kernel_module, _kernels_interpreted
     if _kernel_module is None:
+        _kernels_interpreted = interpreting()
         from kernels import triton_favor_kernels
 
         _kernel_module = triton_favor_kernels
@@ -106,7 +114,8 @@ def _dot_types(dtype: torch.dtype, tf32: bool):
     operands are cast to float32."""
     import triton.language as tl
 
-    if dtype == torch.float32 or interpreting():
+    _kernels()
+    if dtype == torch.float32 or _kernels_interpreted:
         return tl.float32, ("tf32" if tf32 and dtype == torch.float32 else "ieee")
     return tl.bfloat16, "ieee"  # the precision is not used for bfloat16 operands
 
@@ -222,6 +231,11 @@ def _backward(q, k, v, w, out, grad, context, k_sum, v_sum, key_max, key_count, 
 # the custom ops
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the inputs'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_inputs(q, k, v, w) -> None:
     if not (q.shape == k.shape == v.shape) or q.dim() != 4:
         raise ValueError(f"q, k, v must share one (b, n, h, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -237,7 +251,8 @@ def _check_inputs(q, k, v, w) -> None:
 def _favor_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, block_n: int, block_m: int,
               key_tiles: int, num_warps: int, num_stages: int, tf32: bool) -> tuple[(torch.Tensor,) * 9]:
     _check_inputs(q, k, v, w)
-    return _forward(q, k, v, w.contiguous(), Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
+    with _on_device(q.device):
+        return _forward(q, k, v, w.contiguous(), Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
 
 
 @_favor_op.register_fake
@@ -257,8 +272,9 @@ def _favor_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: tor
                        key_max: torch.Tensor, key_count: torch.Tensor, row_max: torch.Tensor, den: torch.Tensor,
                        row_count: torch.Tensor, block_n: int, block_m: int, key_tiles: int, num_warps: int,
                        num_stages: int, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, w.contiguous(), out, grad, context, k_sum, v_sum, key_max, key_count, row_max, den,
-                     row_count, Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
+    with _on_device(q.device):
+        return _backward(q, k, v, w.contiguous(), out, grad, context, k_sum, v_sum, key_max, key_count, row_max,
+                         den, row_count, Blocks(block_n, block_m, key_tiles, num_warps, num_stages), tf32)
 
 
 @_favor_backward_op.register_fake
@@ -309,12 +325,7 @@ _STORAGE_POINTERS = {
 
 def _resource_usage(cubin: bytes) -> dict:
     """Registers, stack, local and static shared memory of a cubin, as cuobjdump (shipped with
-    triton) reports them."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
+    triton) reports them. Spills live in the stack frame (these kernels have no local arrays)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -334,16 +345,16 @@ def compile_report(capability: int, dtype: torch.dtype = torch.bfloat16, blocks:
     """Compiles the four kernels for a CUDA GPU of the given compute capability (80, 90, ...)
     without one, specialised as a launch on (b, n, 3, h, d) views of one qkv tensor would be
     (16-byte aligned pointers, unit d strides, the other strides and d multiples of 16), and
-    reports per kernel: registers per thread, spilled bytes (stack and local memory), shared memory
+    reports per kernel: registers per thread, spilled bytes (stack frame and local memory), shared memory
     (triton's dynamic allocation, and static) and the seconds it took. Needs triton without
     TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if interpreting():
-        raise RuntimeError("compile_report needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
     kern = _kernels()
+    if _kernels_interpreted:
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
     launch = _launch(dtype, d, blocks, tf32=False)
     storage = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     constexprs = dict(BLOCK_N=blocks.block_n, BLOCK_M=blocks.block_m, BLOCK_D=launch.block_d,
@@ -368,8 +379,9 @@ def compile_report(capability: int, dtype: torch.dtype = torch.bfloat16, blocks:
                 if arg.startswith("stride_") or arg == "d":
                     attrs[(index,)] = [["tt.divisibility", 16]]
         start = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
-                                  target=target, options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
+        source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+        options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+        compiled = triton.compile(source, target=target, options=options)
         seconds = time.perf_counter() - start
         usage = _resource_usage(compiled.asm["cubin"])
         report.append(dict(kernel=name, capability=capability, registers=usage["reg"],

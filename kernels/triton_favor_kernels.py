@@ -35,6 +35,44 @@ def _projections(x, w, valid, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(ptr, cell, head, rows, cols, stride_b, stride_n, stride_h, stride_d, n, d):
+    """Rows of one cell's head of a (b, n, h, d) tensor of any strides, zero outside it."""
+    return _load_rows(ptr + cell.to(tl.int64) * stride_b + head * stride_h, rows, cols, stride_n, stride_d, n, d)
+
+
+@triton.jit
+def _store_head_rows(ptr, x, cell, head, rows, cols, n, h, d):
+    """Stores x into rows of one cell's head of a contiguous (b, n, h, d) tensor."""
+    offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
+    tl.store(ptr + offsets, x, mask=(rows[:, None] < n) & (cols[None, :] < d))
+
+
+@triton.jit
+def _half_c2_norm(x, half_c2):
+    """a(x) = c^2 |x|^2 / 2 per row, in float32."""
+    xf = x.to(tl.float32)
+    return tl.sum(xf * xf, 1) * half_c2
+
+
+@triton.jit
+def _position_tile(h, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A grid (position tiles, b * h) program's (cell * h + head, cell, head, rows, columns)."""
+    bh = tl.program_id(1)
+    return bh, bh // h, bh % h, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _feature_block(block, w_ptr, matrix_ptr, vector_ptr, sums, cols, m, d, BLOCK_M: tl.constexpr):
+    """Feature block `block`: (its feature indices, rows of w, rows of the head's (m, d) matrix at
+    matrix_ptr + sums * d, entries of its (m,) vector at vector_ptr + sums), zero past m."""
+    feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
+    matrix = _load_rows(matrix_ptr + sums * d, feats, cols, d, 1, m, d)
+    vector = tl.load(vector_ptr + sums + feats, mask=feats < m, other=0.0)
+    return feats, w, matrix, vector
+
+
+@triton.jit
 def favor_keys_kernel(
     k_ptr, v_ptr, w_ptr, context_ptr, k_sum_ptr, max_ptr, count_ptr, v_sum_ptr,
     stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
@@ -56,8 +94,6 @@ def favor_keys_kernel(
     feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     w = _load_rows(w_ptr, feats, cols, d, 1, m, d)  # (BLOCK_M, BLOCK_D), kept for every tile
-    k_base = k_ptr + cell.to(tl.int64) * stride_kb + head * stride_kh
-    v_base = v_ptr + cell.to(tl.int64) * stride_vb + head * stride_vh
 
     run_max = tl.max(tl.full((BLOCK_M,), float("-inf"), tl.float32), 0)
     count = tl.sum(tl.zeros((BLOCK_M,), tl.float32), 0)
@@ -68,14 +104,12 @@ def favor_keys_kernel(
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n, BLOCK_N))
     for tile in range(first, last):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, rows, cols, stride_kn, stride_kd, n, d)
-        v = _load_rows(v_base, rows, cols, stride_vn, stride_vd, n, d)
+        k = _head_rows(k_ptr, cell, head, rows, cols, stride_kb, stride_kn, stride_kh, stride_kd, n, d)
+        v = _head_rows(v_ptr, cell, head, rows, cols, stride_vb, stride_vn, stride_vh, stride_vd, n, d)
         valid = (rows[:, None] < n) & (feats[None, :] < m)
         p = _projections(k, w, valid, DOT_DTYPE, PRECISION)  # (BLOCK_N, BLOCK_M)
         new_max = tl.maximum(run_max, tl.max(tl.max(p, 1), 0))
-        kf = k.to(tl.float32)
-        a = tl.sum(kf * kf, 1) * half_c2
-        e = tl.exp(p - a[:, None] - new_max)  # 0 outside `valid`
+        e = tl.exp(p - _half_c2_norm(k, half_c2)[:, None] - new_max)  # 0 outside `valid`
         rescale = tl.exp(run_max - new_max)
         context = _dot(tl.trans(e), v, context * rescale, DOT_DTYPE, PRECISION)
         k_sum = k_sum * rescale + tl.sum(e, 0)
@@ -106,25 +140,16 @@ def favor_queries_kernel(
     context (b, h, m, d) in the compute dtype and k_sum (b, h, m) are the finished key sums, eps_v
     (b, h, d) and eps_s (b, h) their eps terms. Writes out (b, n, h, d, contiguous) and, for the
     backward, each row's maximum, normaliser and number of features at its maximum (b, h, n)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    cell = bh // h
-    head = bh % h
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + cell.to(tl.int64) * stride_qb + head * stride_qh, rows, cols, stride_qn, stride_qd, n, d)
-    qf = q.to(tl.float32)
-    a = tl.sum(qf * qf, 1) * half_c2
+    bh, cell, head, rows, cols = _position_tile(h, BLOCK_N, BLOCK_D)
+    q = _head_rows(q_ptr, cell, head, rows, cols, stride_qb, stride_qn, stride_qh, stride_qd, n, d)
+    a = _half_c2_norm(q, half_c2)
     sums = bh.to(tl.int64) * m
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     count = tl.zeros((BLOCK_N,), tl.float32)
     num = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     den = tl.zeros((BLOCK_N,), tl.float32)
     for block in range(0, tl.cdiv(m, BLOCK_M)):
-        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
-        context = _load_rows(context_ptr + sums * d, feats, cols, d, 1, m, d)
-        k_sum = tl.load(k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        feats, w, context, k_sum = _feature_block(block, w_ptr, context_ptr, k_sum_ptr, sums, cols, m, d, BLOCK_M)
         p = _projections(q, w, feats[None, :] < m, DOT_DTYPE, PRECISION)  # rows past n: q = 0, finite
         new_max = tl.maximum(run_max, tl.max(p, 1))
         rescale = tl.exp(run_max - new_max)
@@ -136,9 +161,7 @@ def favor_queries_kernel(
         run_max = new_max
     eps_v = tl.load(eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)
     den = den + tl.load(eps_s_ptr + bh)
-    out = (num + eps_v[None, :]) / den[:, None]
-    out_offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
-    tl.store(out_ptr + out_offsets, out, mask=(rows[:, None] < n) & (cols[None, :] < d))
+    _store_head_rows(out_ptr, (num + eps_v[None, :]) / den[:, None], cell, head, rows, cols, n, h, d)
     row_offsets = bh.to(tl.int64) * n + rows
     tl.store(row_max_ptr + row_offsets, run_max, mask=rows < n)
     tl.store(den_ptr + row_offsets, den, mask=rows < n)
@@ -161,38 +184,28 @@ def favor_queries_grad_kernel(
     (b, h, m, d), (b, h, m), (b, h, d), (b, h) with atomics. The features' sum of d loss / d p,
     which the row maximum and the query norm receive, has a closed form that needs no pass over
     the features: eps ((g . out) sum_j s_j - g . sum_j C_j) / den."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    cell = bh // h
-    head = bh % h
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + cell.to(tl.int64) * stride_qb + head * stride_qh, rows, cols, stride_qn, stride_qd, n, d)
-    g = _load_rows(g_ptr + cell.to(tl.int64) * stride_gb + head * stride_gh, rows, cols, stride_gn, stride_gd,
-                   n, d).to(tl.float32)
-    out = _load_rows(out_ptr + cell.to(tl.int64) * n * h * d + head * d, rows, cols, h * d, 1, n, d).to(tl.float32)
+    bh, cell, head, rows, cols = _position_tile(h, BLOCK_N, BLOCK_D)
+    q = _head_rows(q_ptr, cell, head, rows, cols, stride_qb, stride_qn, stride_qh, stride_qd, n, d)
+    g = _head_rows(g_ptr, cell, head, rows, cols, stride_gb, stride_gn, stride_gh, stride_gd, n, d).to(tl.float32)
+    out = _head_rows(out_ptr, cell, head, rows, cols, n * h * d, h * d, d, 1, n, d).to(tl.float32)
     row_offsets = bh.to(tl.int64) * n + rows
     den = tl.load(den_ptr + row_offsets, mask=rows < n, other=1.0)
     row_max = tl.load(row_max_ptr + row_offsets, mask=rows < n, other=0.0)
     row_count = tl.load(row_count_ptr + row_offsets, mask=rows < n, other=1.0)
     eps_v = tl.load(eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)
     eps_s = tl.load(eps_s_ptr + bh)
-    qf = q.to(tl.float32)
-    a = tl.sum(qf * qf, 1) * half_c2
+    a = _half_c2_norm(q, half_c2)
     g_out = tl.sum(g * out, 1)
     g_num = (g / den[:, None]).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D), 0 outside the rows; a dot operand only
     g_den = -g_out / den
     row_sum = (g_out * eps_s - tl.sum(g * eps_v[None, :], 1)) / den  # sum_j d loss / d p_j
     tie_share = row_sum / row_count
     sums = bh.to(tl.int64) * m
-    dq = -(row_sum * 2.0 * half_c2)[:, None] * qf  # through a: d a / d q = c^2 q
+    dq = -(row_sum * 2.0 * half_c2)[:, None] * q.to(tl.float32)  # through a: d a / d q = c^2 q
     tl.atomic_add(g_num_sum_ptr + bh.to(tl.int64) * d + cols, tl.sum(g_num.to(tl.float32), 0), mask=cols < d)
     tl.atomic_add(g_den_sum_ptr + bh, tl.sum(g_den, 0))
     for block in range(0, tl.cdiv(m, BLOCK_M)):
-        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
-        context = _load_rows(context_ptr + sums * d, feats, cols, d, 1, m, d)
-        k_sum = tl.load(k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        feats, w, context, k_sum = _feature_block(block, w_ptr, context_ptr, k_sum_ptr, sums, cols, m, d, BLOCK_M)
         valid = (rows[:, None] < n) & (feats[None, :] < m)
         p = _projections(q, w, valid, DOT_DTYPE, PRECISION)
         e = tl.exp(p - (row_max + a)[:, None])  # f - eps; 0 outside `valid`
@@ -205,8 +218,7 @@ def favor_queries_grad_kernel(
         tl.atomic_add(d_context_ptr + (sums + feats[:, None]) * d + cols[None, :], d_context,
                       mask=(feats[:, None] < m) & (cols[None, :] < d))
         tl.atomic_add(d_k_sum_ptr + sums + feats, tl.sum(e * g_den[:, None], 0), mask=feats < m)
-    dq_offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
-    tl.store(dq_ptr + dq_offsets, dq, mask=(rows[:, None] < n) & (cols[None, :] < d))
+    _store_head_rows(dq_ptr, dq, cell, head, rows, cols, n, h, d)
 
 
 @triton.jit
@@ -223,16 +235,10 @@ def favor_keys_grad_kernel(
     Recomputes the key features block by block and writes dk, dv (b, n, h, d, contiguous). The
     gradient through the cell's key maximum, d_key_max (b,), is shared by the entries whose
     projection equals the stored maximum, key_count (b,) of them (counted in the forward)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    cell = bh // h
-    head = bh % h
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + cell.to(tl.int64) * stride_kb + head * stride_kh, rows, cols, stride_kn, stride_kd, n, d)
-    v = _load_rows(v_ptr + cell.to(tl.int64) * stride_vb + head * stride_vh, rows, cols, stride_vn, stride_vd, n, d)
-    kf = k.to(tl.float32)
-    a = tl.sum(kf * kf, 1) * half_c2
+    bh, cell, head, rows, cols = _position_tile(h, BLOCK_N, BLOCK_D)
+    k = _head_rows(k_ptr, cell, head, rows, cols, stride_kb, stride_kn, stride_kh, stride_kd, n, d)
+    v = _head_rows(v_ptr, cell, head, rows, cols, stride_vb, stride_vn, stride_vh, stride_vd, n, d)
+    a = _half_c2_norm(k, half_c2)
     key_max = tl.load(key_max_ptr + cell)
     tie_share = tl.load(d_key_max_ptr + cell) / tl.load(key_count_ptr + cell)
     sums = bh.to(tl.int64) * m
@@ -240,10 +246,8 @@ def favor_keys_grad_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     row_sum = tl.zeros((BLOCK_N,), tl.float32)
     for block in range(0, tl.cdiv(m, BLOCK_M)):
-        feats = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        w = _load_rows(w_ptr, feats, cols, d, 1, m, d)
-        d_context = _load_rows(d_context_ptr + sums * d, feats, cols, d, 1, m, d)
-        d_k_sum = tl.load(d_k_sum_ptr + sums + feats, mask=feats < m, other=0.0)
+        feats, w, d_context, d_k_sum = _feature_block(block, w_ptr, d_context_ptr, d_k_sum_ptr, sums, cols, m, d,
+                                                      BLOCK_M)
         valid = (rows[:, None] < n) & (feats[None, :] < m)
         p = _projections(k, w, valid, DOT_DTYPE, PRECISION)
         e = tl.exp(p - a[:, None] - key_max)  # phi - eps; 0 outside `valid`
@@ -255,7 +259,5 @@ def favor_keys_grad_kernel(
         dv = _dot(e, d_context, dv, DOT_DTYPE, PRECISION)
     dk = dk - (row_sum * 2.0 * half_c2)[:, None] * k.to(tl.float32)  # through a
     dv = dv + tl.load(d_eps_v_ptr + bh.to(tl.int64) * d + cols, mask=cols < d, other=0.0)[None, :]
-    offsets = cell.to(tl.int64) * n * h * d + rows[:, None] * (h * d) + head * d + cols[None, :]
-    mask = (rows[:, None] < n) & (cols[None, :] < d)
-    tl.store(dk_ptr + offsets, dk, mask=mask)
-    tl.store(dv_ptr + offsets, dv, mask=mask)
+    _store_head_rows(dk_ptr, dk, cell, head, rows, cols, n, h, d)
+    _store_head_rows(dv_ptr, dv, cell, head, rows, cols, n, h, d)
