@@ -45,22 +45,13 @@ class QueryInputs(NamedTuple):
     eps_s: torch.Tensor  # (b, h) eps sum_j s_j
 
 
-class KeyMax(NamedTuple):
-    """Where a cell's key maximum M was attained, for its gradient (a training forward records it)."""
-
-    value: torch.Tensor  # (b,) M
-    count: torch.Tensor  # (b,) how many entries (position, head, feature) equal M
-    where: torch.Tensor  # (b, 3) one of them: position, head, feature
-
-
 class KeyChunk(NamedTuple):
-    """What a key step returns: the sums with its chunk, the chunk's maximum and, when tracked, how
-    often and (first) where it is attained, as a flat index over the chunk's (h, c, m)."""
+    """What a key step returns: the sums with its chunk and, for training, each (head, position) row's
+    largest projection (which rows attain the key maximum decides where its gradient goes: see
+    key_max_gradient)."""
 
     sums: KeySums
-    chunk_max: torch.Tensor  # (b,) in the accumulation dtype
-    count: torch.Tensor | None  # (b,)
-    argmax: torch.Tensor | None  # (b,)
+    row_max: torch.Tensor | None  # (b, h, c) in the accumulation dtype
 
 
 class FavorState(NamedTuple):
@@ -70,8 +61,7 @@ class FavorState(NamedTuple):
     k_sum: torch.Tensor  # (b, h, m) s, eps terms included
     v_sum: torch.Tensor  # (b, h, d)
     key_max: torch.Tensor  # (b,)
-    tie_count: torch.Tensor  # (b,) entries equal to the key maximum
-    argmax: torch.Tensor  # (b, 3) position, head, feature of one of them
+    tie_rows: torch.Tensor  # (b, h, n) bool: the rows whose largest projection is the key maximum
     den: torch.Tensor  # (b, h, n) the queries' normalisers f^T s
 
 
@@ -82,7 +72,7 @@ class KeyGradInputs(NamedTuple):
     d_context_lp: torch.Tensor  # (b, h, m, d) d loss / dC in the compute dtype
     d_k_sum: torch.Tensor  # (b, h, m)
     d_eps_v: torch.Tensor  # (b, h, d) eps sum_j dC_j
-    tie_share: torch.Tensor  # (b,) d loss / dM over the tie count for cells with tied maxima, else 0
+    tie_share: torch.Tensor  # (b,) d loss / dM over the number of rows that attain M
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,16 +89,14 @@ def scaled_projection(projection: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 def favor_keys(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sums: KeySums, track: bool = False) -> KeyChunk:
     """Adds a chunk of keys. k, v (b, h, c, d); w (m, d) = c W. v_sum is left to the caller (it may
-    have v in another layout). track: also count and locate the chunk's maximum (for training)."""
+    have v in another layout). track: also return each row's maximum and its feature (training)."""
     acc = sums.context.dtype
     d = k.shape[-1]
     p = torch.matmul(k, w.t())  # (b, h, c, m)
-    count = argmax = None
+    row_max = None
     if track:
-        flat = p.flatten(1)
-        chunk_max_lp, argmax = flat.max(1)  # the first index of the maximum
-        count = (flat == chunk_max_lp[:, None]).sum(1)
-        chunk_max = chunk_max_lp.to(acc)
+        row_max = p.amax(-1).to(acc)  # (b, h, c)
+        chunk_max = row_max.flatten(1).amax(1)
     else:
         chunk_max = p.flatten(1).amax(1).to(acc)
     new_max = torch.maximum(sums.key_max, chunk_max)
@@ -117,7 +105,7 @@ def favor_keys(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, sums: KeySums,
     rescale = torch.exp(sums.key_max - new_max)
     context = torch.addcmul(torch.matmul(e.transpose(-1, -2), v).to(acc), sums.context, rescale[:, None, None, None])
     k_sum = torch.addcmul(e.sum(2, dtype=acc), sums.k_sum, rescale[:, None, None])
-    return KeyChunk(KeySums(new_max, context, k_sum, sums.v_sum), chunk_max, count, argmax)
+    return KeyChunk(KeySums(new_max, context, k_sum, sums.v_sum), row_max)
 
 
 def favor_queries(q: torch.Tensor, w: torch.Tensor, keys: QueryInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +151,12 @@ def favor_queries_grad(q: torch.Tensor, g: torch.Tensor, out: torch.Tensor, den:
     return dq, d_context, d_k_sum
 
 
-def favor_keys_grad(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grads: KeyGradInputs):
-    """k, v (b, h, c, d) -> (dk, dv) in the accumulation dtype. The gradient through the key maximum
-    M goes here to the entries equal to M in cells whose maximum is tied (found against the stored
-    M, so a recomputed projection that differs in the last bit misses its share); a single maximum
-    gets it from the caller, at the place the forward recorded (`key_max_gradient`)."""
+def favor_keys_grad(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grads: KeyGradInputs,
+                    tie_rows: torch.Tensor):
+    """k, v (b, h, c, d); tie_rows (b, h, c): the forward's record of the rows that attain the key
+    maximum M -> (dk, dv) in the accumulation dtype. Through M the gradient goes to those rows, at
+    their largest recomputed projection: the rows come from the record, so a recomputed projection
+    that differs from the forward's in the last bit cannot move it."""
     acc = grads.d_k_sum.dtype
     cdt = k.dtype
     d = k.shape[-1]
@@ -175,29 +164,26 @@ def favor_keys_grad(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grads: Ke
     p = torch.matmul(k, w.t())
     kf = k.to(acc)
     a = kf.square().sum(-1, keepdim=True) * (0.5 * c2)
-    p_over_max = p.to(acc) - grads.key_max[:, None, None, None]
-    e = torch.exp(p_over_max - a)
+    e = torch.exp(p.to(acc) - a - grads.key_max[:, None, None, None])
     d_feat = torch.matmul(v, grads.d_context_lp.transpose(-1, -2)).to(acc) + grads.d_k_sum[:, :, None, :]  # (b,h,c,m)
     d_expo = d_feat * e
-    row_sum = d_expo.sum(-1, keepdim=True)  # d a / dk takes the features' gradient only, not M's
-    d_proj = torch.where(p_over_max == 0, d_expo + grads.tie_share[:, None, None, None], d_expo)
+    row_sum = d_expo.sum(-1, keepdim=True)  # d a / dk takes the features' gradient, not M's
+    at_max = (p == p.amax(-1, keepdim=True)) & tie_rows[..., None]
+    d_proj = torch.where(at_max, d_expo + grads.tie_share[:, None, None, None], d_expo)
     dk = torch.matmul(d_proj.to(cdt), w).to(acc) - (row_sum * c2) * kf
     dv = torch.matmul(e.to(cdt), grads.d_context_lp).to(acc) + grads.d_eps_v[:, :, None, :]
     return dk, dv
 
 
-def key_max_gradient(d_context: torch.Tensor, d_k_sum: torch.Tensor, state: FavorState,
-                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """d loss / dM, split as torch.amax splits it: M enters every key feature as exp(-M), so its
-    gradient is minus the contraction of the sums' gradients with their exp parts (the sums
-    without their eps terms). -> (the share of each tied entry in cells whose maximum is tied, the
-    whole gradient in cells with one maximum), both (b,) and 0 for the other kind of cell: the
-    first goes to the entries in the key pass, the second to the recorded place."""
+def key_max_gradient(d_context: torch.Tensor, d_k_sum: torch.Tensor, state: FavorState, n: int) -> torch.Tensor:
+    """The share of d loss / dM (b,) that each row attaining M receives, as torch.amax splits it
+    between tied maxima. M enters every key feature as exp(-M), so its gradient is minus the
+    contraction of the sums' gradients with their exp parts (the sums without their eps terms).
+    Ties are counted by rows (head, position): two features of one row equal to M, which needs
+    two random projections to coincide, would both get the row's one share."""
     d_max = -((d_context * (state.context - KERNEL_EPS * state.v_sum[:, :, None, :])).sum((1, 2, 3))
               + (d_k_sum * (state.k_sum - KERNEL_EPS * n)).sum((1, 2)))
-    tied = state.tie_count > 1
-    zero = torch.zeros_like(d_max)
-    return torch.where(tied, d_max / state.tie_count, zero), torch.where(tied, zero, d_max)
+    return d_max / state.tie_rows.sum((1, 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,54 +196,38 @@ def _empty_key_sums(b: int, h: int, m: int, d: int, acc: torch.dtype, device) ->
                    torch.zeros(b, h, m, dtype=acc, device=device), torch.zeros(b, h, d, dtype=acc, device=device))
 
 
-def _merge_key_max(a: KeyMax, b: KeyMax) -> KeyMax:
-    """The maximum of two parts, how often it is attained in both, and one place of it."""
-    value = torch.maximum(a.value, b.value)
-    in_a, in_b = a.value == value, b.value == value
-    count = torch.where(in_a, a.count, 0) + torch.where(in_b, b.count, 0)
-    return KeyMax(value, count, torch.where(in_a[:, None], a.where, b.where))
-
-
-def _chunk_key_max(chunk: KeyChunk, rows: slice, h: int, m: int) -> KeyMax:
-    c = rows.stop - rows.start
-    head, rest = chunk.argmax // (c * m), chunk.argmax % (c * m)
-    return KeyMax(chunk.chunk_max, chunk.count, torch.stack((rows.start + rest // m, head, rest % m), 1))
-
-
-def _merge_key_sums(parts: list[tuple[KeySums, KeyMax | None]]) -> tuple[KeySums, KeyMax | None]:
+def _merge_key_sums(parts: list[KeySums]) -> KeySums:
     """Combines the threads' sums onto their common maximum."""
-    key_max = torch.stack([sums.key_max for sums, _ in parts]).amax(0)
-    scales = [torch.exp(sums.key_max - key_max) for sums, _ in parts]
-    context = sum(sums.context * s[:, None, None, None] for (sums, _), s in zip(parts, scales))
-    k_sum = sum(sums.k_sum * s[:, None, None] for (sums, _), s in zip(parts, scales))
-    tracked = parts[0][1]
-    for _, other in parts[1:]:
-        tracked = _merge_key_max(tracked, other) if tracked is not None else None
-    return KeySums(key_max, context, k_sum, sum(sums.v_sum for sums, _ in parts)), tracked
+    key_max = torch.stack([sums.key_max for sums in parts]).amax(0)
+    scales = [torch.exp(sums.key_max - key_max) for sums in parts]
+    context = sum(sums.context * s[:, None, None, None] for sums, s in zip(parts, scales))
+    k_sum = sum(sums.k_sum * s[:, None, None] for sums, s in zip(parts, scales))
+    return KeySums(key_max, context, k_sum, sum(sums.v_sum for sums in parts))
 
 
 def forward_two_pass(plan: Plan, key_chunk: Callable[[slice, KeySums], KeyChunk],
                      query_chunk: Callable[[slice, QueryInputs], None], sizes: tuple[int, int, int, int],
-                     n: int, dtype: torch.dtype, device, track: bool = False) -> tuple[KeySums, KeyMax | None]:
+                     n: int, dtype: torch.dtype, device, track: bool = False) -> tuple[KeySums, torch.Tensor | None]:
     """The keys, then the queries, over the plan's chunks and threads. key_chunk(rows, sums) ->
-    KeyChunk (tracked when `track`); query_chunk(rows, QueryInputs) writes its outputs itself.
-    sizes = (b, h, m, d). -> (the key sums, C and s with their eps terms; where M was attained)."""
+    KeyChunk (with the rows' maxima when `track`); query_chunk(rows, QueryInputs) writes its outputs
+    itself. sizes = (b, h, m, d). -> (the key sums, C and s with their eps terms; with `track`, the
+    rows (b, h, n) that attain M)."""
     acc = accumulation_dtype(dtype)
     b, h, m, _ = sizes
+    if track:
+        row_max = torch.empty(b, h, n, dtype=acc, device=device)
 
     def keys(group):
-        sums, tracked = _empty_key_sums(*sizes, acc, device), None
-        if track:
-            tracked = KeyMax(sums.key_max, torch.zeros(b, dtype=torch.long, device=device),
-                             torch.zeros(b, 3, dtype=torch.long, device=device))
+        sums = _empty_key_sums(*sizes, acc, device)
         for _, rows in group:
             chunk = key_chunk(rows, sums)
             sums = chunk.sums
             if track:
-                tracked = _merge_key_max(tracked, _chunk_key_max(chunk, rows, h, m))
-        return sums, tracked
+                row_max[:, :, rows] = chunk.row_max
+        return sums
 
-    sums, tracked = _merge_key_sums(run_groups(keys, plan))
+    sums = _merge_key_sums(run_groups(keys, plan))
+    tie_rows = row_max == sums.key_max[:, None, None] if track else None
     context = sums.context + KERNEL_EPS * sums.v_sum[:, :, None, :]
     k_sum = sums.k_sum + KERNEL_EPS * n
     inputs = QueryInputs(context.to(dtype), k_sum, KERNEL_EPS * context.sum(2), KERNEL_EPS * k_sum.sum(2))
@@ -267,23 +237,21 @@ def forward_two_pass(plan: Plan, key_chunk: Callable[[slice, KeySums], KeyChunk]
             query_chunk(rows, inputs)
 
     run_groups(queries, plan)
-    return KeySums(sums.key_max, context, k_sum, sums.v_sum), tracked
+    return KeySums(sums.key_max, context, k_sum, sums.v_sum), tie_rows
 
 
-def favor_state(sums: KeySums, tracked: KeyMax, den: torch.Tensor) -> FavorState:
-    return FavorState(sums.context, sums.k_sum, sums.v_sum, sums.key_max, tracked.count, tracked.where, den)
+def favor_state(sums: KeySums, tie_rows: torch.Tensor, den: torch.Tensor) -> FavorState:
+    return FavorState(sums.context, sums.k_sum, sums.v_sum, sums.key_max, tie_rows, den)
 
 
 def backward_two_pass(plan: Plan, state: FavorState, n: int, dtype: torch.dtype, query_grad_group: Callable,
-                      key_grad_group: Callable, add_single_max_gradient: Callable[[torch.Tensor], None]):
+                      key_grad_group: Callable):
     """The queries' gradients, then the keys'. query_grad_group(group) -> (partial results, d
-    context, d k_sum) of its chunks; add_single_max_gradient(d_max) places the gradient through a
-    single key maximum at the recorded place, state.argmax ((b,) with 0 in cells with tied maxima);
-    key_grad_group(group, KeyGradInputs) -> partial results. -> (the query groups' partials summed,
-    the key groups' partials summed)."""
+    context, d k_sum) of its chunks; key_grad_group(group, KeyGradInputs) -> partial results (its
+    steps take the chunk's part of state.tie_rows). -> (the query groups' partials summed, the key
+    groups' partials summed)."""
     query_parts, d_context, d_k_sum = sum_parts(run_groups(query_grad_group, plan))
-    tie_share, single = key_max_gradient(d_context, d_k_sum, state, n)
-    add_single_max_gradient(single)
+    tie_share = key_max_gradient(d_context, d_k_sum, state, n)
     grads = KeyGradInputs(state.key_max, d_context.to(dtype), d_k_sum, KERNEL_EPS * d_context.sum(2), tie_share)
     key_parts = sum_parts(run_groups(lambda group: key_grad_group(group, grads), plan))
     return query_parts, key_parts
@@ -315,9 +283,9 @@ def _attention_queries_grad_step(q_c, g_c, out_c, den_c, w, context_lp, k_sum):
     return dq.transpose(1, 2).to(q_c.dtype), d_context, d_k_sum
 
 
-@chunk_dims(k_c=1, v_c=1)
-def _attention_keys_grad_step(k_c, v_c, w, grads: KeyGradInputs):
-    dk, dv = favor_keys_grad(k_c.transpose(1, 2), v_c.transpose(1, 2), w, grads)
+@chunk_dims(k_c=1, v_c=1, tie_rows=2)
+def _attention_keys_grad_step(k_c, v_c, w, grads: KeyGradInputs, tie_rows):
+    dk, dv = favor_keys_grad(k_c.transpose(1, 2), v_c.transpose(1, 2), w, grads, tie_rows)
     return dk.transpose(1, 2).to(k_c.dtype), dv.transpose(1, 2).to(k_c.dtype)
 
 
@@ -369,14 +337,10 @@ class _FavorFunction(torch.autograd.Function):
 
         def keys(group, grads):
             for _, rows in group:
-                dk[:, rows], dv[:, rows] = key_step(k[:, rows], v[:, rows], w, grads)
+                dk[:, rows], dv[:, rows] = key_step(k[:, rows], v[:, rows], w, grads, state.tie_rows[:, :, rows])
             return ()
 
-        single = []
-        backward_two_pass(plan, state, n, q.dtype, queries, keys, single.append)
-        cells, (position, head, feature) = torch.arange(len(dk), device=dk.device), state.argmax.unbind(1)
-        d_key = single[0][:, None] * w[feature].to(single[0].dtype)  # after the key pass, which writes dk
-        dk.index_put_((cells, position, head), d_key.to(dk.dtype), accumulate=True)
+        backward_two_pass(plan, state, n, q.dtype, queries, keys)
         return dq, dk, dv, None, None
 
 

@@ -215,10 +215,11 @@ def _layer_queries_grad_step(x_c, x_att, out_c, den_c, dy, weights: StepWeights,
     return d_att, d_xn, d_context, d_k_sum, QueryGrads(g_w2, g_b2, g_w1, g_b1, g_n2w, g_n2b, g_wo, g_bo, g_wq)
 
 
-@chunk_dims(x_c=1, d_att=1, d_xn=1, kv_c=1)
+@chunk_dims(x_c=1, d_att=1, d_xn=1, tie_rows=2, kv_c=1)
 def _layer_keys_grad_step(x_c, d_att, d_xn, weights: StepWeights, key_grads: KeyGradInputs, grads: KeyGrads,
-                          kv_c=None):
-    """Backward of the key pass of one chunk; finishes dx. kv_c: k and v if the forward kept them.
+                          tie_rows, kv_c=None):
+    """Backward of the key pass of one chunk; finishes dx. tie_rows: the chunk's part of the
+    forward's record of the rows attaining the key maximum; kv_c: k and v if the forward kept them.
     -> (dx_c, updated grads)."""
     b, c, _ = x_c.shape
     h, d = key_grads.d_context_lp.shape[1], key_grads.d_context_lp.shape[-1]
@@ -226,10 +227,8 @@ def _layer_keys_grad_step(x_c, d_att, d_xn, weights: StepWeights, key_grads: Key
     cdt, acc = weights.w.dtype, key_grads.d_k_sum.dtype
     xh, rstd = _layer_norm_stats(x_c, norm1.eps)
     xn = (xh * norm1.weight + norm1.bias).to(cdt)
-    if kv_c is None:  # recomputed as the forward computed it, so that ties in the key maximum match
-        kv_c = F.linear(_layer_norm(x_c, norm1).to(cdt), weights.w_kv)
-    kv = kv_c.view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)
-    dk, dv = favor_keys_grad(kv[0], kv[1], weights.w, key_grads)
+    kv = (F.linear(xn, weights.w_kv) if kv_c is None else kv_c).view(b, c, 2, h, d).permute(2, 0, 3, 1, 4)
+    dk, dv = favor_keys_grad(kv[0], kv[1], weights.w, key_grads, tie_rows)
     d_kv = torch.stack((dk, dv)).permute(1, 3, 0, 2, 4).reshape(b, c, 2 * h * d).to(cdt)
     g_wkv = _accumulate(grads.w_kv, lambda: torch.matmul(_rows(d_kv).t(), _rows(xn)).to(acc))
     d_xn = d_xn + torch.matmul(d_kv, weights.w_kv).to(acc)
@@ -288,8 +287,6 @@ def _layer_backward(dy: torch.Tensor, x: torch.Tensor, weights: StepWeights, pla
     favor = state.favor
     kept = lambda t, rows: () if t is None else (t[:, rows],)  # noqa: E731
     b, n, dim = x.shape
-    d = w.shape[1]
-    h = w_q.shape[0] // d
     acc = favor.den.dtype
     zeros = lambda t, wanted: torch.zeros(t.shape, dtype=acc, device=x.device) if wanted else None  # noqa: E731
     context_lp = favor.context.to(w.dtype)
@@ -311,30 +308,15 @@ def _layer_backward(dy: torch.Tensor, x: torch.Tensor, weights: StepWeights, pla
             d_context, d_k_sum = d_context + d_c, d_k_sum + d_s
         return grads, d_context, d_k_sum
 
-    # a single key maximum's gradient goes to d LN1(x) and W_k through k = LN1(x) W_k^T, before the
-    # key pass (tied maxima get theirs inside it)
-    cells, (position, head, feature) = torch.arange(b, device=x.device), favor.argmax.unbind(1)
-    k_rows = head[:, None] * d + torch.arange(d, device=x.device)  # (b, d) rows of W_k
-    single_wk = []  # its W_k part, added after the key pass
-
-    def add_single_max_gradient(d_max):
-        dk = d_max[:, None] * w[feature].to(acc)  # (b, d)
-        xn = F.layer_norm(x[cells, position], (dim,), *norm1).to(acc)  # (b, dim)
-        d_xn.index_put_((cells, position), torch.bmm(dk[:, None], w_kv[k_rows].to(acc))[:, 0], accumulate=True)
-        single_wk.append(dk[:, :, None] * xn[:, None, :])  # (b, d, dim)
-
     def keys(group, key_grads):
         grads = KeyGrads(zeros(w_kv, need.to_k or need.to_v), zeros(norm1.weight, need.norm1_weight),
                          zeros(norm1.bias, need.norm1_bias))
         for _, rows in group:
             dx[:, rows], grads = key_step(x[:, rows], d_att[:, rows], d_xn[:, rows], weights, key_grads, grads,
-                                          *kept(state.kv, rows))
+                                          favor.tie_rows[:, :, rows], *kept(state.kv, rows))
         return grads
 
-    query_grads, key_grads = backward_two_pass(plan, favor, n, w.dtype, queries, keys, add_single_max_gradient)
-    if key_grads.w_kv is not None:
-        key_grads.w_kv.index_put_((k_rows.flatten(),), single_wk[0].flatten(0, 1), accumulate=True)
-    return dx, query_grads, key_grads
+    return (dx, *backward_two_pass(plan, favor, n, w.dtype, queries, keys))
 
 
 class _FusedLayerFunction(torch.autograd.Function):

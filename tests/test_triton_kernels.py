@@ -87,7 +87,7 @@ def test_values_and_gradients_match_the_float64_reference(b, n, h, d, m, blocks)
     out = triton_favor.favor_attention(q, k, v, proj.to(DEVICE), blocks)
     assert out.dtype == torch.float32 and out.shape == (b, n, h, d)
     assert relative_error(out, ref) < 1e-5
-    plan = make_plan(ExecutionSettings(compile="off", threads=1), torch.device("cpu"), b, n)
+    plan = make_plan(ExecutionSettings(compile="off", threads=1), "cpu", b, n, h, m, torch.float32)
     chunked = engine.favor_attention(*qkv.float().unbind(2), proj, plan)  # today's engine, the same function
     assert relative_error(out, chunked.double()) < 1e-5
 
