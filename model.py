@@ -251,7 +251,7 @@ class SequenceChunks(nn.Module):
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunk = kernels.chunk_length(kernels.get_execution())
+        chunk = kernels.sequence_chunk(x)
         if torch.is_grad_enabled() or x.shape[1] <= chunk:
             return self.fn(x)
         return torch.cat([self.fn(part) for part in x.split(chunk, dim=1)], dim=1)
@@ -345,7 +345,7 @@ class EncoderLayer(nn.ModuleList):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         settings = kernels.get_execution()
-        if settings.path == "fused" and self.fusable():
+        if settings.path == "fused" and self.fusable() and kernels.fuses_layers(x):
             return kernels.fused_layer(x, self.engine_weights())  # recomputes what it does not keep by itself
         if settings.grad_checkpoint and self.training and torch.is_grad_enabled():
             # the recomputation in backward runs with the settings of this forward

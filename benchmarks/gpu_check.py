@@ -10,11 +10,16 @@ even when a later section overruns):
   correctness  our fp32 plan against the float64 reference (values and every gradient), TF32 off and
                on; bf16 against fp32: argmax agreement of the MLM output at expressed positions at the
                published shape (weights perturbed p += 0.05 randn so the logits are not near-tied)
+  triton       the fused Triton FAVOR+ kernels (kernels/triton_favor.py) against the float64 reference
+               on the GPU, values and q/k/v gradients, fp32 (ieee) and bf16, with and without ties of
+               the key maximum, at feature blocks of 32 and 64
   favor_core   FAVOR+ alone at the published shape (batch 8, 16,907 positions, 10 x 64, 266 features),
-               bf16: ms per cell-layer, forward and forward + backward
-  model        the published model (bf16 autocast, the CUDA plan): inference at batch 8 and 64, a
-               pretraining step (MLM on 15% of the expressed genes, Adam) at batch 8: cells/s, the first
-               call's seconds, peak GB
+               bf16: ms per cell-layer, forward and forward + backward, by the plain plan (the chunked
+               engine) and by the Triton kernels at feature blocks of 32, 64 and 128
+  model        the published model as the scripts run it (bf16 autocast, the CUDA plan, the Triton
+               kernels where they run): inference at batch 8 and 64, a pretraining step (MLM on 15% of
+               the expressed genes, Adam) at batch 8: cells/s, the first call's seconds, peak GB
+  model_plain  the same with the Triton kernels off (the plain plan)
   peer         performer-pytorch 1.0.6 (what scBERT runs) with the same weights and batch: fp32 eager,
                bf16 autocast and torch.compile'd, inference and a training step
 The bars of the GPU issue are evaluated at the end ("bars" in the JSON, and DIR/gpu_check.md).
@@ -38,8 +43,9 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "correctness", "favor_core", "model", "peer")
-DEADLINES = {"environment": 25, "correctness": 50, "favor_core": 30, "model": 100, "peer": 80}  # seconds
+SECTIONS = ("environment", "correctness", "triton", "favor_core", "model", "model_plain", "peer")
+DEADLINES = {"environment": 15, "correctness": 35, "triton": 30, "favor_core": 35, "model": 70, "model_plain": 45,
+             "peer": 70}  # seconds: 300 in all
 
 
 class SectionTimeout(Exception):
@@ -76,7 +82,7 @@ class Check:
         self.genes = 127 if args.dry else 16906
         self.infer_batches = (2, 4) if args.dry else (8, 64)
         self.train_batch = 2 if args.dry else 8
-        self.repeats = 2 if args.dry else 5
+        self.repeats = 2 if args.dry else 3
         self.matmul = 256 if args.dry else 8192
 
     def config(self, **overrides):
@@ -160,7 +166,6 @@ def environment(check: Check) -> dict:
     b = torch.randn(size, size, device=check.device, dtype=torch.bfloat16)
     a @ b
     out["bf16_matmul_tflops"] = 2 * size**3 / check.best(lambda: a @ b) / 1e12
-    del a, b
     big = torch.empty((2**20 if check.dry else 2**30,), device=check.device, dtype=torch.float32)
     copy_to = torch.empty_like(big)
     copy_to.copy_(big)
@@ -235,8 +240,52 @@ def correctness(check: Check) -> dict:
     return out
 
 
+def _triton_blocks(check: Check, block_m: int):
+    from kernels import triton_favor
+
+    if check.dry:  # the interpreter runs one program at a time: small tiles
+        return triton_favor.INTERPRETER_BLOCKS._replace(block_n=16, block_m=16)
+    return triton_favor.GPU_BLOCKS._replace(block_m=block_m)
+
+
+def triton(check: Check) -> dict:
+    """The Triton kernels against the float64 reference on this device (with --dry: in Triton's
+    interpreter, where dots run in float32)."""
+    from kernels import triton_favor
+    from model import favor_attention_reference, orthogonal_gaussian_matrix
+
+    torch = check.torch
+    out = {}
+    b, n, h, d, m = (1, 70, 2, 16, 40) if check.dry else (1, 2048, 10, 64, 266)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[-1]
+        if not triton_favor.available(check.device, dtype):
+            out[name] = "the kernels do not run here"
+            continue
+        for block_m in ((16,) if check.dry else (32, 64)):
+            for tie in (False, True):
+                generator = torch.Generator().manual_seed(block_m)
+                qkv = torch.randn(b, n, 3, h, d, generator=generator, dtype=torch.float64)
+                if tie:
+                    qkv[:, n // 2:, 1] = qkv[:, : n - n // 2, 1]  # every key twice: the key maximum ties
+                projection = orthogonal_gaussian_matrix(m, d, generator=generator).to(check.device)
+                reference = qkv.to(check.device).to(dtype).double().requires_grad_()
+                expected = favor_attention_reference(*reference.unbind(2), projection.double())
+                upstream = torch.randn_like(expected)
+                expected.backward(upstream)
+                leaf = qkv.to(check.device, dtype).requires_grad_()
+                got = triton_favor.favor_attention(*leaf.unbind(2), projection, _triton_blocks(check, block_m))
+                got.backward(upstream.to(dtype))
+                rel = lambda x, r: ((x.double() - r).abs().max() / r.abs().max()).item()  # noqa: E731
+                out[f"{name}_block{block_m}_{'ties' if tie else 'random'}"] = {
+                    "output_error_rel_max": rel(got, expected),
+                    "gradient_error_rel_max": max(rel(leaf.grad[:, :, i], reference.grad[:, :, i]) for i in range(3))}
+    return out
+
+
 def favor_core(check: Check) -> dict:
     import kernels
+    from kernels import triton_favor
     from model import orthogonal_gaussian_matrix
 
     torch = check.torch
@@ -246,20 +295,25 @@ def favor_core(check: Check) -> dict:
     q, k, v = (0.5 * torch.randn(shape, device=check.device, dtype=torch.bfloat16) for _ in range(3))
     projection = orthogonal_gaussian_matrix(config.nb_features, config.dim_head).to(check.device)
     out = {"shape": list(shape), "features": config.nb_features}
-
-    def forward():
-        with torch.inference_mode():
-            kernels.favor_attention(q, k, v, projection)
-
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ways = {"plain": lambda *qkv: kernels.favor_attention(*qkv, projection)}
+    if triton_favor.available(check.device, torch.bfloat16):
+        for block_m in ((16,) if check.dry else (32, 64, 128)):
+            blocks = _triton_blocks(check, block_m)
+            ways[f"triton_block{block_m}"] = lambda *qkv, blocks=blocks: triton_favor.favor_attention(
+                *qkv, projection, blocks)
+    for way, attention in ways.items():
+        def forward(attention=attention):
+            with torch.inference_mode():
+                attention(q, k, v)
 
-    def training():
-        result = kernels.favor_attention(*leaves, projection)
-        result.float().square().mean().backward()
+        def training(attention=attention):
+            attention(*leaves).float().square().mean().backward()
 
-    for name, fn in (("forward", forward), ("forward_backward", training)):
-        out[f"{name}_first_call_s"] = check.seconds(fn)
-        out[f"{name}_ms_per_cell_layer"] = 1e3 * check.best(fn) / batch
+        with kernels.execution(triton="off"):  # "plain" is the chunked engine even where the kernels run
+            for name, fn in (("forward", forward), ("forward_backward", training)):
+                out[f"{way}_{name}_first_call_s"] = check.seconds(fn)
+                out[f"{way}_{name}_ms_per_cell_layer"] = 1e3 * check.best(fn) / batch
     return out
 
 
@@ -296,12 +350,20 @@ def model_section(check: Check) -> dict:
         return _model_section(check)
 
 
-def _model_section(check: Check) -> dict:
+def model_plain(check: Check) -> dict:
+    """The model with the Triton kernels off: the plain plan (the chunked engine's fused layers)."""
+    import kernels
+
+    with matmul_precision("high"), kernels.execution(triton="off"):
+        return _model_section(check, infer_batches=check.infer_batches[:1])
+
+
+def _model_section(check: Check, infer_batches: tuple[int, ...] | None = None) -> dict:
     torch = check.torch
     out = {}
     net = check.model(seed=7)
     net.eval()
-    for batch in check.infer_batches:
+    for batch in infer_batches or check.infer_batches:
         tokens = check.tokens(batch, seed=batch)
 
         def make_call(tokens=tokens):
@@ -372,8 +434,8 @@ def _peer(check: Check) -> dict:
     return out
 
 
-RUNNERS = {"environment": environment, "correctness": correctness, "favor_core": favor_core,
-           "model": model_section, "peer": peer}
+RUNNERS = {"environment": environment, "correctness": correctness, "triton": triton, "favor_core": favor_core,
+           "model": model_section, "model_plain": model_plain, "peer": peer}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,21 +443,43 @@ RUNNERS = {"environment": environment, "correctness": correctness, "favor_core":
 
 
 def bars(results: dict, dry: bool) -> dict:
-    model, peer_results, correct = results.get("model", {}), results.get("peer", {}), results.get("correctness", {})
-    train = next((v for k, v in model.items() if k.startswith("train_b")), {})
-    infer8 = next((v for k, v in model.items() if k.startswith("inference_b")), {})
-    peer_infer = next((v for k, v in peer_results.items() if k.startswith("inference_fp32")), {})
-    peer_train = next((v for k, v in peer_results.items() if k.startswith("train_fp32")), {})
+    """The GPU issues' bars: the execution plan's (issue 15: the plain plan, model_plain) and the
+    Triton kernels' (issue 16: the model as it runs, against the plain plan and the peer's fastest)."""
+    model, plain = results.get("model", {}), results.get("model_plain", {})
+    peer_results, correct, kernels_check = results.get("peer", {}), results.get("correctness", {}), results.get(
+        "triton", {})
+
+    def entry(section, prefix):
+        return next((v for k, v in section.items() if k.startswith(prefix) and isinstance(v, dict)), {})
+
+    def rate(section, prefix):
+        return max((v.get("cells_per_s") or 0 for k, v in section.items() if k.startswith(prefix)
+                    and isinstance(v, dict)), default=0) or None
 
     def ratio(a, b):
-        return a.get("cells_per_s") / b["cells_per_s"] if a.get("cells_per_s") and b.get("cells_per_s") else None
+        return a / b if a and b else None
 
-    best_infer = max((v.get("cells_per_s") or 0 for k, v in model.items() if k.startswith("inference_b")), default=0)
+    train, infer8 = entry(model, "train_b"), entry(model, "inference_b")
+    plain_train, plain_infer8 = entry(plain, "train_b"), entry(plain, "inference_b")
+    peer_infer, peer_train = entry(peer_results, "inference_fp32"), entry(peer_results, "train_fp32")
+    peer_fastest = rate(peer_results, "inference_")
+    fp32_kernel_errors = [v["output_error_rel_max"] for k, v in kernels_check.items()
+                          if k.startswith("float32") and isinstance(v, dict)]
     checks = {
-        "inference >= 400 cells/s": (best_infer, 400),
-        "training step >= 100 cells/s": (train.get("cells_per_s"), 100),
-        "inference >= 10x performer-pytorch fp32 eager (same batch)": (ratio(infer8, peer_infer), 10),
-        "training >= 10x performer-pytorch fp32 eager (same batch)": (ratio(train, peer_train), 10),
+        "plain plan: inference >= 400 cells/s": (rate(plain, "inference_b"), 400),
+        "plain plan: training step >= 100 cells/s": (plain_train.get("cells_per_s"), 100),
+        "plain plan: inference >= 10x performer-pytorch fp32 eager (same batch)": (
+            ratio(plain_infer8.get("cells_per_s"), peer_infer.get("cells_per_s")), 10),
+        "plain plan: training >= 10x performer-pytorch fp32 eager (same batch)": (
+            ratio(plain_train.get("cells_per_s"), peer_train.get("cells_per_s")), 10),
+        "kernels: inference >= 1000 cells/s": (rate(model, "inference_b"), 1000),
+        "kernels: pretraining step >= 250 cells/s": (train.get("cells_per_s"), 250),
+        "kernels: inference >= 2x the plain plan (batch 8)": (
+            ratio(infer8.get("cells_per_s"), plain_infer8.get("cells_per_s")), 2),
+        "kernels: training >= 2x the plain plan": (ratio(train.get("cells_per_s"), plain_train.get("cells_per_s")), 2),
+        "kernels: inference >= 2x performer-pytorch's fastest mode (batch 8)": (
+            ratio(infer8.get("cells_per_s"), peer_fastest), 2),
+        "kernels: fp32 (ieee) outputs within 1e-4 of float64": (max(fp32_kernel_errors, default=None), 1e-4),
         "fp32 (TF32 off) logits within 1e-4 of float64": (correct.get("fp32_tf32_off", {}).get(
             "logits_error_rel_max"), 1e-4),
         "fp32 (TF32 on) logits within 1e-2 of float64": (correct.get("fp32_tf32_on", {}).get(
@@ -447,6 +531,8 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for variable, folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
         os.environ[variable] = str(out_dir / "cache" / folder)  # the only place it writes
+    if args.dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on the CPU, before they are defined
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     check = Check(args)
     import kernels

@@ -26,6 +26,7 @@ from typing import Iterator, Mapping
 
 PATHS = ("fused", "modules", "reference")
 COMPILE_MODES = ("auto", "on", "off")
+TRITON_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ExecutionSettings:
     # plan passes as for this device type ("cpu" or "cuda"; None: the input's): to look at, or test,
     # the CUDA plan on CPU tensors
     plan_device: str | None = None
+    # the fused Triton FAVOR+ kernels (kernels.triton_favor): "auto" where they run (a CUDA GPU of
+    # compute capability >= 8.0, bf16 or fp32, triton installed), "off" never
+    triton: str = "auto"
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -69,6 +73,8 @@ class ExecutionSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+        if self.triton not in TRITON_MODES:
+            raise ValueError(f"triton must be one of {', '.join(TRITON_MODES)}, got {self.triton!r}")
         if self.plan_device not in (None, "cpu", "cuda"):
             raise ValueError(f"plan_device must be 'cpu', 'cuda' or None, got {self.plan_device!r}")
 

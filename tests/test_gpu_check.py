@@ -18,12 +18,17 @@ def test_the_gpu_check_runs_dry_writes_only_its_folder_and_reruns_one_section(tm
     assert first.returncode == 0, first.stderr[-2000:]
     results = json.loads((out / "gpu_check.json").read_text())
     peer_installed = importlib.util.find_spec("performer_pytorch") is not None
-    for section in ("environment", "correctness", "favor_core", "model", "peer"):
+    triton_installed = importlib.util.find_spec("triton") is not None
+    for section in ("environment", "correctness", "triton", "favor_core", "model", "model_plain", "peer"):
         if section != "peer" or peer_installed:
             assert "error" not in results[section], (section, results[section])
+    if triton_installed:  # the kernels in Triton's interpreter, against the float64 reference
+        assert {"float32_block16_random", "float32_block16_ties", "bfloat16_block16_ties"} <= set(results["triton"])
+        assert all(v["output_error_rel_max"] < 1e-5 for k, v in results["triton"].items() if k.startswith("float32"))
+        assert "triton_block16_forward_backward_ms_per_cell_layer" in results["favor_core"]
     assert results["correctness"]["fp32_tf32_off"]["logits_error_rel_max"] < 1e-4
     assert results["correctness"]["bf16_argmax_agreement_expressed"] >= 0.9
-    assert results["model"]["train_b2"]["cells_per_s"] > 0 and len(results["bars"]) == 7
+    assert results["model"]["train_b2"]["cells_per_s"] > 0 and len(results["bars"]) == 13
     assert all(bar["met"] is None for bar in results["bars"].values())  # a dry run judges no bar
     assert list(work.iterdir()) == [] and {p.name for p in out.iterdir()} <= {"gpu_check.json", "gpu_check.md",
                                                                             "cache"}

@@ -315,3 +315,31 @@ def test_gene_importance_runs_in_the_annotations_precision():
     report_utils.gene_importance(net, dataset, ["a", "b", "a", "b"], ["a", "b"], genes, torch.device("cpu"), top_n=3,
                                  autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_the_triton_kernels_are_chosen_only_on_a_gpu_that_runs_them(monkeypatch):
+    """Dispatch: FAVOR+ goes to the Triton kernels where they run, and a layer then runs as the
+    model's modules around them; never on a CPU (the interpreter is for the kernels' own tests)."""
+    from kernels import triton_favor
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(triton_favor, "available", lambda device, dtype: device.type == "cuda")
+    assert kernels.triton_runs(cuda, torch.bfloat16) and not kernels.triton_runs(torch.device("cpu"), torch.float32)
+    with execution(triton="off"):
+        assert not kernels.triton_runs(cuda, torch.bfloat16)
+
+    config = get_config("tiny", gene_num=40, feature_redraw_interval=0)
+    net = random_model(config, seed=9).train()
+    tokens = torch.randint(0, 6, (2, config.seq_len), generator=torch.Generator().manual_seed(9))
+    expected = net(tokens)
+    calls = []
+    monkeypatch.setattr(kernels, "triton_runs", lambda device, dtype: True)  # as on an H100
+    monkeypatch.setattr(triton_favor, "favor_attention", lambda *args: calls.append(1) or engine_favor.favor_attention(
+        *args, engine_plan.make_plan(kernels.get_execution(), "cpu", args[0].shape[0], args[0].shape[1],
+                                     args[0].shape[2], args[3].shape[0], args[0].dtype)))
+    fused = []
+    fused_layer = kernels.fused_layer
+    monkeypatch.setattr(kernels, "fused_layer", lambda *a: fused.append(1) or fused_layer(*a))
+    got = net(tokens)
+    assert len(calls) == config.depth and fused == []  # the modules around the kernels, no fused layer
+    assert (got - expected).abs().max().item() < 1e-5
