@@ -242,11 +242,13 @@ def inverse_frequency_weights(codes: np.ndarray, n_classes: int, device) -> torc
 
 
 def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tuning: FineTuning,
-                ctx: utils.DistContext) -> Path:
+                ctx: utils.DistContext, signals=None, fold: bool = False) -> Path:
     """Fine-tunes on split['train'], early-stops on split['valid']; writes finetune_best/last.pth,
-    finetune_metrics.csv and finetune_loss.png in out_dir. Returns the best checkpoint's path."""
+    finetune_metrics.csv and finetune_loss.png in out_dir. Returns the best checkpoint's path. When
+    resuming a cross-validation (fold), a fold not begun yet starts (a finished one trains no more)."""
     last_path, best_path = out_dir / "finetune_last.pth", out_dir / "finetune_best.pth"
-    resume = utils.resume_point(last_path, cells.fingerprint, cells.data_path) if tuning.resume else None
+    requested = tuning.resume and (last_path.exists() or not fold)
+    resume = utils.resume_point(last_path, cells.fingerprint, cells.data_path, requested, tuning.run_args)
     model = utils.build_model_from_checkpoint(resume, last_path) if resume is not None else tuning.new_model()
     what = set_trainable(model, tuning.unfreeze)
     model.to(ctx.device).train()
@@ -274,7 +276,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
                                   training.precision),
         plan, records, ctx,
         checkpoint_fields={**tuning.checkpoint_fields, "splits": {k: [int(i) for i in v] for k, v in split.items()}},
-        run_args=tuning.run_args)
+        run_args=tuning.run_args, signals=signals)
     if training.bad_epochs >= plan.patience:
         logger.info(f"early stop: no better validation macro-F1 in {plan.patience} epochs")
     logger.info(f"best validation macro-F1 {training.best:.4f}: {best_path}")
@@ -282,7 +284,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
 
 
 def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: Cells, tuning: FineTuning,
-                   ctx: utils.DistContext) -> Path:
+                   ctx: utils.DistContext, signals=None) -> Path:
     """Trains every fold in ckpt_dir/fold{k}, scores its held-out fold with its best checkpoint, and
     writes a per-fold and mean ± sd table to ckpt_dir/cv_summary.csv."""
     precision = utils.Precision(utils.resolve_amp(tuning.amp, ctx.device), ctx.device)
@@ -290,7 +292,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
     for k, split in enumerate(splits):
         logger.info(f"--- fold {k + 1} of {len(splits)} ---")
         best_path = train_split(split, utils.check_writable_dir(ckpt_dir / f"fold{k}", "--ckpt_dir"), cells, tuning,
-                                ctx)
+                                ctx, signals, fold=True)
         model, _ = utils.load_checkpoint(best_path)
         model.to(ctx.device)
         test_set = utils.TokenDataset(cells.aligned, cells.input_format, model.config.bin_num, labels=cells.codes,
@@ -302,7 +304,6 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
     if ctx.is_main:
         table.to_csv(summary, index=False)
         logger.info(table.to_string(index=False))
-    utils.cleanup_distributed()
     return summary
 
 
@@ -339,18 +340,21 @@ def main(args: argparse.Namespace) -> Path:
         schedule=utils.Schedule(args.learning_rate, args.min_lr, args.cycle, args.warmup, args.lr_decay),
         plan=utils.EpochPlan(args.epoch, args.batch_size, args.grad_acc, args.clip, args.seed, args.num_workers,
                              monitor="valid_macro_f1", patience=args.patience,
-                             grad_checkpoint=args.grad_checkpoint),
+                             grad_checkpoint=args.grad_checkpoint, save_every_steps=args.save_every_steps,
+                             log_every=args.log_every),
         class_weights=args.class_weights, resume=args.resume,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format, "label_names": labelled.names,
                            "label_key": args.label_key, "data_fingerprint": fingerprint, "data_path": args.data_path,
                            "pretrained_from": str(start_path) if start_path else None},
         run_args=utils.to_plain(vars(args)))
 
-    if len(splits) == 1:
-        best_path = train_split(splits[0], ckpt_dir, cells, tuning, ctx)
-        utils.cleanup_distributed()
-        return best_path
-    return cross_validate(splits, ckpt_dir, cells, tuning, ctx)
+    with utils.guarded_run(ckpt_dir, ctx) as signals:
+        if len(splits) == 1:
+            result = train_split(splits[0], ckpt_dir, cells, tuning, ctx, signals)
+        else:
+            result = cross_validate(splits, ckpt_dir, cells, tuning, ctx, signals)
+    utils.cleanup_distributed()
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class_weights", action="store_true", help="weight the loss by inverse class frequency")
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
-    run.add_argument("--resume", action="store_true", help="continue from --ckpt_dir/finetune_last.pth")
+    utils.add_fault_flags(run, "finetune_last.pth")
     utils.add_run_flags(run)
     return p
 

@@ -57,20 +57,30 @@ def masking_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+class MaskedLoss:
+    """One epoch's training loss. Masking draws from a generator on the device seeded by (seed, rank,
+    epoch), so a resumed epoch masks as the interrupted one did; its state is saved with a mid-epoch
+    checkpoint (state_dict / load_state_dict) so the masks continue exactly."""
+
+    def __init__(self, model, masking: Masking, seed: int, device: torch.device, precision: utils.Precision):
+        self.model, self.masking, self.device, self.precision = model, masking, device, precision
+        self.generator = masking_generator(seed, device)
+
+    def __call__(self, batch):
+        loss, stats, _ = masked_step(self.model, batch, self.masking, self.generator, self.device, self.precision)
+        return loss, stats
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def masked_loss(model, masking: Masking, seed: int, ctx: utils.DistContext,
-                precision: utils.Precision) -> Callable[[int], utils.LossFn]:
-    """The training loss of each epoch. Masking draws from a generator on the device seeded by (seed,
-    rank, epoch): a resumed epoch masks the same way as the interrupted one."""
-    def for_epoch(epoch: int) -> utils.LossFn:
-        generator = masking_generator(utils.derive_seed(seed, ctx.rank, epoch), ctx.device)
-
-        def loss_fn(batch):
-            loss, stats, _ = masked_step(model, batch, masking, generator, ctx.device, precision)
-            return loss, stats
-
-        return loss_fn
-
-    return for_epoch
+                precision: utils.Precision) -> Callable[[int], MaskedLoss]:
+    """The training loss of each epoch (see MaskedLoss)."""
+    return lambda epoch: MaskedLoss(model, masking, utils.derive_seed(seed, ctx.rank, epoch), ctx.device, precision)
 
 
 @torch.no_grad()
@@ -140,7 +150,8 @@ def main(args: argparse.Namespace) -> Path:
     adata = utils.read_dataset(args.data_path)
     input_format = utils.detect_input_format(adata, args.input_format)
     fingerprint = utils.data_fingerprint(adata)
-    resume = utils.resume_point(ckpt_path, fingerprint, args.data_path) if args.resume else None
+    run_args = utils.to_plain(vars(args))
+    resume = utils.resume_point(ckpt_path, fingerprint, args.data_path, args.resume, run_args)
     seed = int(resume["args"]["seed"]) if resume is not None else args.seed  # a resumed run keeps its seed
     panel = pretraining_panel(resume, args.gene_panel, adata, args.gene_num, input_format)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format)
@@ -148,6 +159,18 @@ def main(args: argparse.Namespace) -> Path:
     cells = utils.filter_cells_min_genes(aligned, args.min_genes, drop=True) if args.min_genes > 0 \
         else np.arange(aligned.n_obs)
     utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
+    with utils.guarded_run(ckpt_dir, ctx) as signals:
+        pretrain(args, ctx, resume, seed, panel, aligned, cells, input_format, fingerprint, run_args, signals)
+    logger.info(f"pretrained model: {ckpt_path}")
+    utils.cleanup_distributed()
+    return ckpt_path
+
+
+def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.ndarray, input_format: str,
+             fingerprint: str, run_args: dict[str, Any], signals) -> None:
+    """Builds the model and trains it, writing the checkpoints, metrics and plot into --ckpt_dir."""
+    ckpt_dir = Path(args.ckpt_dir)
+    ckpt_path = ckpt_dir / "pretrain.pth"
 
     # model, split, optimiser
     gene2vec = functools.partial(utils.gene2vec_table, args.gene2vec_path, aligned, panel, seed=seed,
@@ -166,7 +189,8 @@ def main(args: argparse.Namespace) -> Path:
     # the epochs
     masking = Masking(args.mask_prob, args.replace_prob, args.random_token_prob, args.bin_num)
     plan = utils.EpochPlan(args.epoch, args.batch_size, args.grad_acc, args.clip, seed, args.num_workers,
-                           grad_checkpoint=args.grad_checkpoint)
+                           grad_checkpoint=args.grad_checkpoint, save_every_steps=args.save_every_steps,
+                           log_every=args.log_every)
     records = utils.EpochRecords(
         checkpoint=ckpt_path, metrics_csv=ckpt_dir / "pretrain_metrics.csv", loss_plot=ckpt_dir / "pretrain_loss.png",
         plot_series=(("train_loss", "masked loss (train)"), ("valid_loss", "masked loss (valid)"),
@@ -180,10 +204,7 @@ def main(args: argparse.Namespace) -> Path:
         plan, records, ctx,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format,
                            "data_fingerprint": fingerprint, "data_path": args.data_path},
-        run_args={**utils.to_plain(vars(args)), "seed": seed})
-    logger.info(f"pretrained model: {ckpt_path}")
-    utils.cleanup_distributed()
-    return ckpt_path
+        run_args={**run_args, "seed": seed}, signals=signals)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
     run.add_argument("--save_every_epoch", action="store_true", help="also keep pretrain_epoch{N}.pth")
-    run.add_argument("--resume", action="store_true", help="continue from --ckpt_dir/pretrain.pth")
+    utils.add_fault_flags(run, "pretrain.pth")
     utils.add_run_flags(run)
     return p
 

@@ -24,8 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 import kernels
+import run_control
 from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
+from run_control import StopRun
 
 # --------------------------------------------------------------------------------------------------
 # the log
@@ -103,6 +105,10 @@ def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = N
     try:
         configure_from_environment()
         return main(args)
+    except StopRun as stop:  # a signal, after the checkpoint was written: exit "try again later"
+        logger.info(str(stop))
+        cleanup_distributed(sync=False)
+        sys.exit(run_control.EXIT_STOPPED)
     except (InputError, torch.OutOfMemoryError) as err:
         if getattr(args, "debug", False):
             traceback.print_exc()
@@ -179,14 +185,26 @@ def setup_distributed(device: str = "auto") -> DistContext:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size), rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, dev)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, with keys of this torchrun attempt only: after a restart
+    (--max-restarts) gloo would otherwise find the previous attempt's addresses in it and fail to
+    connect. torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); without torchrun rank 0 does."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world_size, is_master=rank == 0 and not agent_store, timeout=dist.default_pg_timeout)
+    return dist.PrefixStore(f"scbert/attempt_{run_control.restarted_by_torchrun()}", store)
 
 
 def cleanup_distributed(sync: bool = True) -> None:
     """Tears the process group down together: a rank that exits while another is still inside a gloo
     collective or its teardown can make the other abort (seen as SIGABRT at the end of a run).
     sync=False (the error path) skips the barrier, which a rank that did not fail might never reach."""
+    run_control.reset_control_group()
     if dist.is_available() and dist.is_initialized():
         try:
             if sync:
@@ -288,17 +306,23 @@ class Precision:
         else:
             loss.backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float) -> bool:
+        """Clips and steps; returns False (and leaves the weights as they were) when a gradient is not
+        finite. fp16 keeps GradScaler's own skip-and-rescale, which is not reported here."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        if clip and clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        if self.scaler is not None:
+            if clip and clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             self.scaler.step(optimizer)
             self.scaler.update()
-        else:
+            optimizer.zero_grad(set_to_none=True)
+            return True
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        finite = bool(torch.isfinite(norm))  # one read per optimizer step: the step depends on it
+        if finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return finite
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,6 +378,16 @@ class Schedule:
     cycle: int            # epochs in the first cosine cycle (each next one twice as long, less the warm-up)
     warmup: int           # warm-up epochs at the start of each cycle
     lr_decay: float       # the peak's decay per cycle
+
+
+def add_fault_flags(group: Any, checkpoint: str) -> None:
+    """--resume, --save_every_steps and --log_every, shared by the two trainers."""
+    group.add_argument("--resume", action="store_true", help=f"continue from --ckpt_dir/{checkpoint} (a worker "
+                       f"that torchrun restarts resumes by itself)")
+    group.add_argument("--save_every_steps", type=int, default=0, help=f"also write {checkpoint} every N optimizer "
+                       "steps within an epoch, to resume from (0: at the end of each epoch only)")
+    group.add_argument("--log_every", type=int, default=0, help="when stderr is not a terminal, a progress line "
+                       "every N steps (0: about once a minute)")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
@@ -463,14 +497,17 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     leaves the previous checkpoint intact. Contents must load with weights_only=True."""
     path = Path(path)
     state = to_plain(on_cpu(state))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(dict(state), handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, folder gone or replaced: the previous file is as it was
+        raise InputError(f"could not write {path} ({err.strerror or err}); the previous checkpoint there is "
+                         f"intact: free space or fix the folder, then run again with --resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -522,17 +559,42 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return ckpt
 
 
-def resume_point(path: Path, fingerprint: str, data_path: str | None) -> dict[str, Any]:
-    """The checkpoint a --resume run continues from, checked to exist and to come from this data."""
+def resume_point(path: Path, fingerprint: str, data_path: str | None, requested: bool = True,
+                 run_args: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The checkpoint a run continues from: with --resume (`requested`), the one at `path`, checked to
+    exist and to come from this data; in a worker torchrun restarted, the one at `path` if there is
+    one yet, checked also to come from the same command line (run_args); else None."""
+    restarts = run_control.restarted_by_torchrun()
+    if not requested and not restarts:
+        return None
     if not path.exists():
-        raise InputError(f"--resume found no {path}; run without --resume to start, or point --ckpt_dir at the "
-                         f"folder of the run to continue")
+        if requested:
+            raise InputError(f"--resume found no {path}; run without --resume to start, or point --ckpt_dir at the "
+                             f"folder of the run to continue")
+        logger.info(f"torchrun restarted this run (restart {restarts}) before {path} was written: starting afresh")
+        return None
     ckpt = read_checkpoint(path)
     if ckpt.get("data_fingerprint") != fingerprint:
         raise InputError(f"{path} was trained on other data than {data_path or 'the default data'}; resume with "
                          f"the same --data_path, or start a new run in another --ckpt_dir")
-    logger.info(f"resuming from {path} (epoch {ckpt['epoch']} finished)")
+    if not requested and run_args is not None:
+        saved = ckpt.get("args", {})
+        differing = sorted(k for k in run_args if k != "resume" and saved.get(k) != run_args[k])
+        if differing:
+            raise InputError(f"torchrun restarted this run, but {path} comes from another command line (it differs in "
+                             f"{', '.join('--' + k for k in differing)}); start the new run in another --ckpt_dir")
+        logger.info(f"torchrun restarted this run (restart {restarts}): resuming by itself")
+    where = f"epoch {ckpt['epoch']} finished" + (f", {ckpt['step']} steps into the next" if ckpt.get("step") else "")
+    logger.info(f"resuming from {path} ({where})")
     return ckpt
+
+
+@contextlib.contextmanager
+def guarded_run(ckpt_dir: Path, ctx: DistContext) -> Iterator[run_control.StopSignals]:
+    """While the block runs: the run alone writes to ckpt_dir (its lock, removed on every exit), and
+    SIGTERM/SIGUSR1 stop it after a checkpoint (see run_control)."""
+    with run_control.RunLock(ckpt_dir, ctx.is_main), run_control.StopSignals() as signals:
+        yield signals
 
 
 def build_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> PerformerLM:
@@ -676,8 +738,10 @@ def derive_seed(seed: int, *parts: int, salt: int = 0) -> int:
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext, shuffle: bool,
-                seed: int, epoch: int, num_workers: int = 0, pad: bool = True) -> torch.utils.data.DataLoader:
-    """Each rank's share of the dataset, in an order that depends only on (seed, epoch).
+                seed: int, epoch: int, num_workers: int = 0, pad: bool = True,
+                start_step: int = 0) -> torch.utils.data.DataLoader:
+    """Each rank's share of the dataset, in an order that depends only on (seed, epoch), from batch
+    `start_step` on (the batches before it are not read).
 
     pad=True (training) lets DistributedSampler repeat a few cells so all ranks take the same number
     of steps; pad=False (scoring) gives every cell to exactly one rank."""
@@ -687,6 +751,8 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistCon
         sampler.set_epoch(epoch)
     else:
         sampler = list(range(ctx.rank, len(dataset), ctx.world_size))
+    if start_step:
+        sampler = list(sampler)[start_step * batch_size:]
     pin = ctx.device.type == "cuda"
     if isinstance(dataset, TokenDataset):  # whole batches tokenised at once; workers send sparse tokens
         return token_loader(dataset, batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin)
@@ -723,25 +789,88 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def train_one_epoch(model: nn.Module, loader: Any, loss_fn: Callable[[Any], tuple[torch.Tensor, np.ndarray]],
-                    precision: Precision, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                    grad_acc: int, clip: float, show_progress: bool, desc: str,
-                    grad_checkpoint: bool = False) -> np.ndarray:
-    """One pass over the loader with gradient accumulation (DDP syncs only on the last micro-step).
-    loss_fn(batch) -> (loss to minimise, statistics to sum); returns the summed statistics.
-    grad_checkpoint: store as little as possible for the backward (kernels.ExecutionSettings)."""
-    totals = None
-    n_steps = len(loader)
-    for step, batch in enumerate(progress(loader, show_progress, desc=desc, total=n_steps)):
-        last_micro = (step + 1) % grad_acc == 0 or step + 1 == n_steps
-        with maybe_no_sync(model, not last_micro), kernels.execution(grad_checkpoint=grad_checkpoint):
+class EpochLoader:
+    """One epoch's batches for this rank, whose position can be saved and restored: the order
+    depends only on (seed, epoch), so a position is a number of batches. state_dict() holds plain
+    ints (loadable with weights_only); load_state_dict() continues after the batches already taken,
+    without reading them; the batch size and process count must be the same."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext, seed: int, epoch: int,
+                 num_workers: int = 0):
+        self.dataset, self.batch_size, self.ctx = dataset, batch_size, ctx
+        self.seed, self.epoch, self.num_workers = seed, epoch, num_workers
+        self.step = 0  # batches taken in this epoch
+        self.steps = len(make_loader(dataset, batch_size, ctx, shuffle=True, seed=seed, epoch=epoch))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = make_loader(self.dataset, self.batch_size, self.ctx, shuffle=True, seed=self.seed, epoch=self.epoch,
+                             num_workers=self.num_workers, start_step=self.step)
+        for batch in loader:
+            self.step += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "world_size": self.ctx.world_size}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        mine = self.state_dict()
+        for key in ("epoch", "seed", "batch_size", "world_size"):
+            if int(state[key]) != mine[key]:
+                raise InputError(f"the checkpoint stopped in the middle of an epoch run with {key} {state[key]}, this "
+                                 f"run has {mine[key]}; resume with the same --batch_size, --seed and number of "
+                                 f"processes to continue that epoch exactly")
+        self.step = int(state["step"])
+
+
+# a step whose gradients are not finite is skipped; this many in a row stop the run
+MAX_SKIPPED_STEPS = 3
+
+
+def train_one_epoch(training: "Training", loader: EpochLoader, loss_fn: "LossFn", plan: "EpochPlan",
+                    ctx: DistContext, desc: str, totals: torch.Tensor | None = None,
+                    signals: run_control.StopSignals | None = None,
+                    save: Callable[[torch.Tensor | None], Path] | None = None) -> np.ndarray:
+    """The rest of one epoch from the loader's position, with gradient accumulation (DDP syncs only
+    on the last micro-step). loss_fn(batch) -> (loss to minimise, statistics to sum); `totals`: the
+    statistics of the batches before the position. After each optimizer step: a step with
+    non-finite gradients is skipped (MAX_SKIPPED_STEPS in a row end the run with an error); every
+    plan.save_every_steps steps, and when a stop signal has come (every rank agreeing), save(totals)
+    writes a mid-epoch checkpoint; a signal then ends the epoch with StopRun. Returns the summed
+    statistics (the skipped steps' left out)."""
+    model, precision, optimizer = training.stepped, training.precision, training.optimizer
+    pending, skipped, steps = None, 0, len(loader)
+    for batch in run_control.Progress(loader, steps, desc, ctx.is_main, plan.log_every, start=loader.step):
+        last_micro = loader.step % plan.grad_acc == 0 or loader.step == steps
+        with maybe_no_sync(model, not last_micro), kernels.execution(grad_checkpoint=plan.grad_checkpoint):
             loss, stats = loss_fn(batch)
-            precision.backward(loss / grad_acc, optimizer)
-        if last_micro:
-            precision.step(optimizer, params, clip)
-        totals = stats if totals is None else totals + stats  # on the device: read once, after the epoch
+            precision.backward(loss / plan.grad_acc, optimizer)
+        pending = stats if pending is None else pending + stats  # on the device until the epoch ends
+        if not last_micro:
+            continue
+        if precision.step(optimizer, training.params, plan.clip):
+            totals = pending if totals is None else totals + pending
+            skipped = 0
+        else:
+            skipped += 1
+            logger.info(f"warning: {desc}, step {loader.step}: the gradients are not finite; the step is skipped")
+            if skipped >= MAX_SKIPPED_STEPS:
+                raise InputError(f"{skipped} optimizer steps in a row had non-finite gradients ({desc}, up to step "
+                                 f"{loader.step}); the run stops with its last checkpoint as it was: resume with a "
+                                 f"lower --learning_rate, or --amp none")
+        pending = None
+        stop = run_control.stop_requested(signals, ctx.distributed)
+        every = plan.save_every_steps
+        if save is not None and (stop or (every and (loader.step // plan.grad_acc) % every == 0
+                                          and loader.step < steps)):
+            path = save(totals)
+            if stop:
+                raise StopRun(stop, path, loader.epoch - 1, loader.step)
     optimizer.zero_grad(set_to_none=True)  # nothing accumulated leaks into the next epoch
-    return totals.cpu().numpy() if totals is not None else np.zeros(1)
+    return totals.cpu().numpy() if totals is not None else np.zeros(3)
 
 
 class Predictions(NamedTuple):
@@ -850,27 +979,54 @@ class Training:
     first_epoch: int = 1
     best: float = -1.0        # the best validation score so far (early stopping)
     bad_epochs: int = 0       # validations since it last improved
+    resume: Mapping[str, Any] | None = None  # a mid-epoch checkpoint: where in first_epoch to continue
+
+
+def _rank_states(ctx: DistContext, loss_fn: Any) -> list[dict[str, Any]]:
+    """Every rank's RNGs (and its loss's, e.g. the masking generator), gathered for rank 0 to save."""
+    mine = {"rng": rng_state(), "loss": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None}
+    if not ctx.distributed:
+        return [mine]
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rank_state(states: list[Mapping[str, Any]], ctx: DistContext, loss_fn: Any) -> None:
+    if len(states) != ctx.world_size:
+        raise InputError(f"the checkpoint stopped mid-epoch with {len(states)} process(es), this run has "
+                         f"{ctx.world_size}; resume with the same number of processes")
+    mine = states[ctx.rank]
+    set_rng_state(mine["rng"])
+    if mine.get("loss") is not None:
+        loss_fn.load_state_dict(mine["loss"])
 
 
 def prepare_training(model: nn.Module, amp: str, schedule: Schedule, ctx: DistContext,
                      resume: Mapping[str, Any] | None) -> Training:
     """Adam over the parameters that require grad, the published schedule and the precision mode;
-    from a resume checkpoint also their states, the next epoch, the early-stopping counts and the
-    RNG states as they were when it was written."""
+    from a resume checkpoint also their states (the loss scaler's too), the next epoch, the
+    early-stopping counts and the RNG states as they were when it was written. A mid-epoch
+    checkpoint (step > 0) continues its epoch (see run_epochs)."""
     precision = Precision(resolve_amp(amp, ctx.device), ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=schedule.learning_rate)
     scheduler = make_scheduler(optimizer, schedule)
-    first_epoch, best, bad_epochs = 1, -1.0, 0
+    first_epoch, best, bad_epochs, mid_epoch = 1, -1.0, 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer_state_dict"])
         scheduler.load_state_dict(resume["scheduler_state_dict"])
+        if precision.scaler is not None and resume.get("scaler_state_dict"):
+            precision.scaler.load_state_dict(resume["scaler_state_dict"])
         first_epoch = int(resume["epoch"]) + 1
         best, bad_epochs = float(resume.get("best_metric", best)), int(resume.get("bad_epochs", bad_epochs))
-        set_rng_state(resume["rng_state"])
+        if int(resume.get("step", 0)) > 0:
+            mid_epoch = resume  # its RNGs are restored once the epoch's loader has started
+        else:
+            set_rng_state(resume["rng_state"])
     model, optimizer = precision.prepare(model, optimizer)
     return Training(model, wrap_ddp(model, ctx), params, optimizer, scheduler, precision, first_epoch, best,
-                    bad_epochs)
+                    bad_epochs, mid_epoch)
 
 
 @dataclass(frozen=True)
@@ -885,6 +1041,8 @@ class EpochPlan:
     monitor: str | None = None   # a validation score, higher is better: the best checkpoint, early stopping
     patience: int = 0            # validations without a better `monitor` before the loop stops
     grad_checkpoint: bool = False  # store as little as possible for the backward (kernels.ExecutionSettings)
+    save_every_steps: int = 0    # also a mid-epoch checkpoint every this many optimizer steps (0: none)
+    log_every: int = 0           # steps between progress lines when stderr is not a terminal (0: about a minute)
 
 
 @dataclass(frozen=True)
@@ -903,22 +1061,42 @@ class EpochRecords:
 
 def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_loss: Callable[[int], LossFn],
                validate: Callable[[], dict[str, float]], plan: EpochPlan, records: EpochRecords,
-               ctx: DistContext, checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> None:
+               ctx: DistContext, checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any],
+               signals: run_control.StopSignals | None = None) -> None:
     """The epochs of both trainers: one pass over the training cells with the loss `epoch_loss(epoch)`,
     a schedule step, `validate()` (its scores join the row), a log line, the checkpoints, metrics CSV
     and plot (rank 0); early stop once `plan.monitor` has not improved for `plan.patience` epochs.
-    checkpoint_fields: what the checkpoint holds beside the model, optimiser, schedule and RNG (data,
-    panel, labels, splits); run_args: the command line. Updates training.best and .bad_epochs."""
+    A mid-epoch checkpoint (training.resume) continues its epoch at its step, with its RNG states,
+    loss state and partial statistics; mid-epoch checkpoints are written to records.checkpoint
+    every plan.save_every_steps steps and on a stop signal (then StopRun). checkpoint_fields: what
+    the checkpoint holds beside the model, optimiser, schedule and RNG (data, panel, labels,
+    splits); run_args: the command line. Updates training.best and .bad_epochs."""
     metrics = MetricsLog(records.metrics_csv, resume_epoch=training.first_epoch - 1)
     for epoch in range(training.first_epoch, plan.last_epoch + 1):
         if plan.monitor is not None and training.bad_epochs >= plan.patience:
             break
         started = time.time()
-        loader = make_loader(train_set, plan.batch_size, ctx, shuffle=True, seed=plan.seed, epoch=epoch,
-                             num_workers=plan.num_workers)
-        totals = train_one_epoch(training.stepped, loader, epoch_loss(epoch), training.precision, training.optimizer,
-                                 training.params, plan.grad_acc, plan.clip, ctx.is_main, f"epoch {epoch}",
-                                 plan.grad_checkpoint)
+        loader = EpochLoader(train_set, plan.batch_size, ctx, plan.seed, epoch, plan.num_workers)
+        loss_fn, totals = epoch_loss(epoch), None
+        if training.resume is not None:  # continue the interrupted epoch where it stopped
+            loader.load_state_dict(training.resume["loader_state"])
+            _restore_rank_state(training.resume["rank_states"], ctx, loss_fn)
+            totals = torch.tensor(training.resume["epoch_totals"], dtype=torch.float64, device=ctx.device)
+            training.resume = None
+
+        def save_mid_epoch(partial: torch.Tensor | None) -> Path:
+            totals_so_far = [0.0, 0.0, 0.0] if partial is None else partial.tolist()
+            states = _rank_states(ctx, loss_fn)  # a collective: a dead peer makes it fail and nothing is written
+            if ctx.is_main:
+                save_checkpoint(records.checkpoint, {
+                    **_run_checkpoint(training, epoch - 1, float("nan"), checkpoint_fields, run_args),
+                    "step": loader.step, "loader_state": loader.state_dict(), "rank_states": states,
+                    "epoch_totals": totals_so_far, "rng_state": states[0]["rng"]})
+            barrier(ctx)
+            return records.checkpoint
+
+        totals = train_one_epoch(training, loader, loss_fn, plan, ctx, f"epoch {epoch}", totals, signals,
+                                 save_mid_epoch)
         lr = training.optimizer.param_groups[0]["lr"]
         training.scheduler.step()
         totals = all_reduce_sum(totals, ctx)
@@ -942,18 +1120,29 @@ def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_lo
     check_ranks_agree(training.model, ctx)
 
 
-def _epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
-                     checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint after an epoch: the published keys (epoch, losses, optimiser, schedule, model),
-    what rebuilds the model, `checkpoint_fields`, the early-stopping counts, the RNG states, the
-    command line and the epoch's metrics."""
-    state = {"epoch": epoch, "losses": row["train_loss"],
+def _run_checkpoint(training: Training, epoch: int, loss: float, checkpoint_fields: Mapping[str, Any],
+                    run_args: Mapping[str, Any]) -> dict[str, Any]:
+    """What every checkpoint of a run holds: the published keys (epoch = finished epochs, losses,
+    optimiser, schedule, model), the loss scaler, what rebuilds the model, `checkpoint_fields`, the
+    early-stopping counts and the command line."""
+    state = {"epoch": epoch, "losses": loss,
              "optimizer_state_dict": training.optimizer.state_dict(),
              "scheduler_state_dict": training.scheduler.state_dict(),
-             **model_checkpoint_fields(training.model), **checkpoint_fields}
-    if early_stopping:
-        state.update(best_metric=training.best, bad_epochs=training.bad_epochs)
-    return {**state, "rng_state": rng_state(), "args": dict(run_args),
+             **model_checkpoint_fields(training.model), **checkpoint_fields,
+             "best_metric": training.best, "bad_epochs": training.bad_epochs, "args": dict(run_args)}
+    if training.precision.scaler is not None:
+        state["scaler_state_dict"] = training.precision.scaler.state_dict()
+    return state
+
+
+def _epoch_checkpoint(training: Training, epoch: int, row: Mapping[str, Any], early_stopping: bool,
+                     checkpoint_fields: Mapping[str, Any], run_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint after an epoch (step 0 of the next): the run's fields, the RNG states and the
+    epoch's metrics."""
+    state = _run_checkpoint(training, epoch, row["train_loss"], checkpoint_fields, run_args)
+    if not early_stopping:
+        del state["best_metric"], state["bad_epochs"]
+    return {**state, "step": 0, "rng_state": rng_state(),
             "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}}
 
 
