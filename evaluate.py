@@ -141,14 +141,19 @@ class Cells(NamedTuple):
 
 
 def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], input_format: str,
-                all_cells: bool) -> Cells:
-    """Reads the data (default: the checkpoint's), picks the cells to score and aligns them to the panel."""
+                all_cells: bool, soma: utils.SomaOptions) -> Cells:
+    """Reads the data (default: the checkpoint's, with its SOMA options), picks the cells to score and
+    aligns them to the panel."""
     path = data_path if data_path is not None else ckpt.get("data_path")
-    if data_path is None and path is not None and not Path(path).exists():
-        raise utils.InputError(f"the checkpoint was fine-tuned on {path}, which does not exist here; "
-                               f"pass --data_path with the data to annotate")
+    if data_path is None and path is not None:
+        saved = ckpt.get("args") or {}
+        soma = utils.SomaOptions(saved.get("soma_measurement", soma.measurement), saved.get("soma_layer"),
+                                 saved.get("obs_filter"))
+        if not any(c in str(path) for c in "*?[") and "://" not in str(path) and not Path(path).exists():
+            raise utils.InputError(f"the checkpoint was fine-tuned on {path}, which does not exist here; "
+                                   f"pass --data_path with the data to annotate")
     name = path or f"the default data ({utils.DEFAULT_DATA_NAME})"
-    adata = utils.read_dataset(path)
+    adata = utils.open_cells(path, soma)
     input_format = utils.detect_input_format(adata, input_format)
     rows, same_data, scope = scored_cells(adata, ckpt, all_cells)
     if len(rows) == 0:
@@ -162,7 +167,7 @@ def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], i
 
 def note_sparse_cells(cells: Cells, panel: list[str]) -> None:
     if len(panel) >= 10000:  # the published >= 200 expressed genes rule was made for a 16,906-gene panel
-        low = int((utils.expressed_gene_counts(cells.aligned.X[cells.rows]) < 200).sum())
+        low = int((utils.expressed_genes_of(cells.aligned, cells.rows) < 200).sum())
         if low:
             logger.info(f"note: {low} of {len(cells.rows)} cells have fewer than 200 expressed panel genes (the "
                         f"published quality filter); they are annotated, but less reliably")
@@ -263,7 +268,7 @@ def explain(model: PerformerLM, dataset: utils.TokenDataset, annotation: Annotat
 def annotated_data(cells: Cells, annotation: Annotation, classes: list[str], coordinates: np.ndarray | None,
                    model_path: str) -> Any:
     """predictions.h5ad: the scored cells with the model's labels, confidences, probabilities and embeddings."""
-    scored = cells.adata[cells.rows].copy()
+    scored = utils.cells_for_output(cells.adata, cells.rows)
     scored.obs["scbert_label"] = pd.Categorical(annotation.labels.astype(str), categories=classes + (
         [UNASSIGNED] if annotation.threshold is not None else []))
     scored.obs["scbert_confidence"] = annotation.confidence.astype(np.float32)
@@ -351,7 +356,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model_path, args.label_names, args.gene_panel, ctx.device)
     config = loaded.model.config
     precision = utils.Precision(utils.resolve_amp(args.amp, ctx.device), ctx.device)
-    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells)
+    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells,
+                        utils.SomaOptions(args.soma_measurement, args.soma_layer, args.obs_filter))
     logger.info(f"model: {args.model_path} ({len(loaded.classes)} cell types, {config.gene_num} genes, dim "
                 f"{config.dim}, depth {config.depth}); scoring {len(cells.rows)} cells: {cells.scope}; precision "
                 f"{precision.mode} on {ctx.device.type}")
@@ -360,9 +366,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth_all = true_labels(cells.adata, label_key, explicit=args.label_key is not None or args.baseline)
     if args.baseline:
         check_baseline_inputs(truth_all, cells.same_data, label_key)
+        utils.require_in_memory(cells.aligned, "--baseline (it trains on the cells' whole expression matrix)")
 
     # predict, score
-    dataset = utils.TokenDataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
+    dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     annotation = annotate(loaded.model, dataset, loaded.classes, args.unassign_thres if args.novel_type else None,
                           batch_size, ctx, precision, args.num_workers)
     truth = None if truth_all is None else truth_all[cells.rows]
@@ -392,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("model and data")
     data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned checkpoint (default "
                       "ckpts/finetune_best.pth)")
-    data.add_argument("--data_path", default=None, help="cells x genes file (.h5ad, 10x .h5 or mtx folder, "
-                      ".csv/.tsv, .loom); default: the data the checkpoint was fine-tuned on")
+    data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: the data the "
+                      "checkpoint was fine-tuned on")
+    utils.add_source_flags(data)
     data.add_argument("--label_key", default=None, help="obs column with true cell types, to score against "
                       "(optional; default: the checkpoint's label column, else 'celltype')")
     data.add_argument("--gene_panel", default=None, help="text file, one gene per line, in model order "
