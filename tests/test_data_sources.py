@@ -60,8 +60,10 @@ def collection(request, tmp_path_factory):
     write_shards(adata, root / "shards")
     adata.write_h5ad(root / "whole.h5ad")
     adata.write_zarr(root / "whole.zarr")
+    with ad.settings.override(zarr_write_format=3):
+        adata.write_zarr(root / "whole_v3.zarr")
     tiledbsoma_io.from_h5ad(str(root / "soma"), str(root / "whole.h5ad"), measurement_name="RNA")
-    paths = {"folder": root / "shards", "glob": f"{root / 'shards'}/part*.h5ad", "zarr": root / "whole.zarr",
+    paths = {"folder": root / "shards", "glob": f"{root / 'shards'}/part*.h5ad", "zarr": root / "whole.zarr", "zarr v3": root / "whole_v3.zarr",
              "soma": root / "soma", "large h5ad": root / "whole.h5ad"}
     return adata, {k: str(v) for k, v in paths.items()}
 
@@ -74,7 +76,7 @@ def open_source(kind: str, path: str, monkeypatch) -> data_sources.CellSource:
     return source
 
 
-@pytest.mark.parametrize("kind", ["folder", "glob", "zarr", "soma", "large h5ad"])
+@pytest.mark.parametrize("kind", ["folder", "glob", "zarr", "zarr v3", "soma", "large h5ad"])
 def test_each_source_gives_the_in_memory_tokens(collection, kind, monkeypatch):
     adata, paths = collection
     panel = list(adata.var_names)
@@ -278,6 +280,22 @@ def test_a_bad_soma_uri_or_option(tmp_path, small_sources):
             utils.open_cells(soma, options)
     with pytest.raises(data_utils.InputError, match="--obs_filter applies to a TileDB-SOMA experiment"):
         utils.open_cells(small_sources["shards"], utils.SomaOptions(obs_filter="celltype == 'x'"))
+
+
+def test_soma_without_tiledbsoma_names_the_package(small_sources, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiledbsoma", None)  # import tiledbsoma now raises ImportError
+    with pytest.raises(data_utils.InputError, match="needs the optional package tiledbsoma; install it with: pip"):
+        utils.open_cells(small_sources["soma"])
+
+
+def test_a_column_major_shard_is_refused(tmp_path):
+    adata = count_cells()
+    write_shards(adata, tmp_path / "shards", parts=2)
+    csc = adata[:20].copy()
+    csc.X = sp.csc_matrix(csc.X)
+    csc.write_h5ad(tmp_path / "shards" / "part5.h5ad")
+    with pytest.raises(data_utils.InputError, match="part5.h5ad stores X column-major"):
+        utils.open_cells(tmp_path / "shards")
 
 
 def test_an_obs_filter_selects_the_cells_of_a_soma_experiment(collection):
