@@ -20,7 +20,7 @@ from report_utils import UNASSIGNED, neighbour_graph
 POOLINGS = ("expressed", "all", "last")
 POOLING = "expressed"
 NOVELTY_PERCENTILE = 99.0   # --novel_type: farther than this percentile of the reference's own k-th distances
-NOVELTY_SAMPLE = 10_000     # reference cells whose own k-th neighbour distance sets that radius
+NOVELTY_SAMPLE = 2_000      # reference cells whose own k-th neighbour distance sets that radius
 
 
 def pool_encodings(encoded: torch.Tensor, tokens: torch.Tensor, how: str = POOLING) -> torch.Tensor:

@@ -528,11 +528,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     utils.seed_everything(args.seed)
 
     # load, align, check the reference
+    gene_map = utils.read_gene_map(args.gene_map)
     loaded = load_model(args.model_path, args.label_names, args.gene_panel, ctx.device)
     check_modes(loaded, args.reference, args.majority_voting, args.baseline, args.model_path)
     config = loaded.model.config
     precision = utils.Precision(utils.resolve_amp(args.amp, ctx.device), ctx.device)
-    gene_map = utils.read_gene_map(args.gene_map)
     cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells, gene_map)
     head = f"{len(loaded.classes)} cell types" if loaded.classes is not None else "no classifier head"
     logger.info(f"model: {args.model_path} ({head}, {config.gene_num} genes, dim {config.dim}, depth "
