@@ -115,7 +115,7 @@ def knn_transfer(reference: np.ndarray, reference_labels: Sequence[str], query: 
     its top vote share is below it, or when its k-th nearest reference cell is farther than the
     reference's own k-th neighbours are at the NOVELTY_PERCENTILE (a cell outside the reference)."""
     labels = np.asarray(reference_labels, dtype=object).astype(str)
-    classes = sorted(set(labels))
+    classes = sorted({str(label) for label in labels})
     codes = np.searchsorted(classes, labels)
     k = min(k, len(reference))
     distances, rows = nearest_cells(reference, query, k)

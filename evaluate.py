@@ -181,6 +181,7 @@ class Reference(NamedTuple):
     name: str
     label_key: str
     labels: np.ndarray                   # their types (labelled cells only)
+    cell_names: np.ndarray               # their obs names
     embedding: np.ndarray | None         # (cells, dim), read from a predictions.h5ad of this checkpoint
     dataset: utils.TokenDataset | None   # else the cells to embed, on the model's panel
 
@@ -202,12 +203,13 @@ def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
     if len(rows) < adata.n_obs:
         logger.info(f"note: {adata.n_obs - len(rows)} reference cells without a label in obs['{label_key}'] "
                     f"are left out")
+    names = np.asarray(adata.obs_names[rows], dtype=str)
     info = adata.uns.get("scbert", {}) if adata.uns is not None else {}
     if "X_scbert_encoder" in adata.obsm and info.get("checkpoint_hash") == loaded.weights_hash \
             and info.get("encoder_pooling") == annotation.POOLING:
         logger.info(f"reference: {path}, {len(rows)} labelled cells, embedded by this checkpoint before "
                     f"(its obsm['X_scbert_encoder'])")
-        return Reference(path, label_key, labels[rows], np.asarray(adata.obsm["X_scbert_encoder"])[rows], None)
+        return Reference(path, label_key, labels[rows], names, np.asarray(adata.obsm["X_scbert_encoder"])[rows], None)
     if "X_scbert_encoder" in adata.obsm:
         logger.info(f"note: {path} holds embeddings of another checkpoint (or pooling); embedding its cells again")
     try:
@@ -217,7 +219,7 @@ def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
         raise utils.InputError(f"the reference {path}: {err}") from None
     logger.info(f"reference: {path}, {len(rows)} labelled cells of {len(set(labels[rows]))} types in "
                 f"obs['{label_key}'], to embed")
-    return Reference(path, label_key, labels[rows], None, dataset)
+    return Reference(path, label_key, labels[rows], names, None, dataset)
 
 
 class Embedded(NamedTuple):
@@ -546,6 +548,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     reference = None
     if args.reference is not None:
         reference = read_reference(args.reference, args.reference_label_key, loaded, args.input_format, gene_map)
+        shared = len(np.intersect1d(reference.cell_names, np.asarray(cells.adata.obs_names[cells.rows], dtype=str)))
+        if shared:
+            logger.info(f"note: {shared} of the {len(cells.rows)} scored cells share their names with reference cells; "
+                        f"if they are the same cells, each one's own label votes for it (scores are optimistic)")
 
     # embed, call
     threshold = args.unassign_thres if args.novel_type else None
