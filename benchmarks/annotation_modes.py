@@ -71,6 +71,17 @@ def write_subsets(adata, split: dict[str, np.ndarray], folder: Path) -> dict[str
     return paths
 
 
+def train_run(cmd: list[str], checkpoint: Path) -> None:
+    """Runs pretrain.py or finetune.py once to the end: a run that was stopped part-way (its checkpoint
+    is there, the folder's `finished` mark is not) continues with --resume."""
+    finished = checkpoint.parent / "finished"
+    if finished.is_file():
+        return
+    resumed = checkpoint.is_file()
+    run(cmd + (["--resume"] if resumed else []), checkpoint.parent / ("log_resumed.txt" if resumed else "log.txt"))
+    finished.touch()
+
+
 def evaluate_run(model: Path, data: Path | None, out: Path, label_key: str, extra: list[str], threads: int,
                  force: bool) -> dict:
     metrics = out / "metrics.json"
@@ -172,18 +183,15 @@ def main() -> None:
             split = seed_split(adata, label_key, seed)
             files = write_subsets(adata, split, folder / "cells")
             pretrained = folder / "pretrain" / "pretrain.pth"
-            if not pretrained.is_file():
-                run(script("pretrain.py") + ["--data_path", str(files["pretrain"]), *extra, "--model", "small",
-                                             "--ckpt_dir", str(pretrained.parent), "--epoch", str(args.pretrain_epochs),
-                                             "--batch_size", str(args.batch_size), "--seed", str(seed),
-                                             *shlex.split(args.pretrain_args)],
-                    pretrained.parent / "log.txt")
+            train_run(script("pretrain.py") + ["--data_path", str(files["pretrain"]), *extra, "--model", "small",
+                                               "--ckpt_dir", str(pretrained.parent), "--epoch", str(args.pretrain_epochs),
+                                               "--batch_size", str(args.batch_size), "--seed", str(seed),
+                                               *shlex.split(args.pretrain_args)], pretrained)
             finetuned = folder / "finetune" / "finetune_best.pth"
-            if not finetuned.is_file():
-                run(script("finetune.py") + data_flags(path, label_key) +
-                    ["--model_path", str(pretrained), "--ckpt_dir", str(finetuned.parent), "--seed", str(seed),
-                     "--epoch", str(args.finetune_epochs), "--batch_size", str(args.batch_size),
-                     *shlex.split(args.finetune_args)], finetuned.parent / "log.txt")
+            train_run(script("finetune.py") + data_flags(path, label_key) +
+                      ["--model_path", str(pretrained), "--ckpt_dir", str(finetuned.parent), "--seed", str(seed),
+                       "--epoch", str(args.finetune_epochs), "--batch_size", str(args.batch_size),
+                       *shlex.split(args.finetune_args)], finetuned.parent / "finetune_last.pth")
             import torch
 
             held_out = np.sort(np.asarray(torch.load(finetuned, weights_only=True)["splits"]["test"]))
