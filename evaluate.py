@@ -190,6 +190,9 @@ def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
                    gene_map: utils.GeneMap | None) -> Reference:
     """The reference's labelled cells, checked before any cell is embedded. A predictions.h5ad that
     this checkpoint wrote (the same weights hash and pooling in its uns) brings its embedding along."""
+    if not Path(path).exists():
+        raise utils.InputError(f"--reference {path} does not exist; pass a file of labelled cells (any format "
+                               f"--data_path takes) or a predictions.h5ad that evaluate.py wrote")
     adata = utils.read_dataset(path, backed=True)
     labels = utils.read_labels(adata, label_key)
     if labels is None:

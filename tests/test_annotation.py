@@ -201,5 +201,7 @@ def test_reference_mistakes_end_with_one_line(tmp_path, files, default_data, cap
     foreign = small_copy(default_data, 20, tmp_path / "foreign.h5ad", other_genes)
     err = one_line_error(capsys, tmp_path / "o2", *model, "--reference", str(foreign))
     assert "the reference" in err and "0 of 765 panel genes" in err
+    err = one_line_error(capsys, tmp_path / "o4", *model, "--reference", str(tmp_path / "missing.h5ad"))
+    assert err.startswith("error: --reference") and "does not exist" in err
     err = one_line_error(capsys, tmp_path / "o3", *model, "--majority_voting")
     assert "--majority_voting" in err and "--reference" in err
