@@ -147,11 +147,46 @@ def leiden_resolution(n_cells: int) -> float:
     return 30.0
 
 
+# --over_clustering: the space whose neighbour graph is over-clustered. "expression" (the default) is
+# CellTypist's: the cells' own expression, independent of the model whose calls are voted on;
+# "embedding" is the encoder embedding's graph (benchmarks/results_annotation.md compares them).
+OVER_CLUSTERINGS = ("expression", "embedding")
+EXPRESSION_GENES = 2_000   # most variable genes of the expression space
+EXPRESSION_PCS = 50
+EXPRESSION_NEIGHBOURS = 10
+
+
+def expression_pcs(adata, input_format: str, seed: int = 2021) -> np.ndarray:
+    """The expression space of --over_clustering expression, a canonical scanpy pipeline on the cells'
+    own genes (all of them, not only the panel's): CP10k + log1p for counts (log1p input as it is),
+    the EXPRESSION_GENES most variable genes (scanpy's dispersion ranking), each scaled to unit
+    variance and clipped at 10, and the first EXPRESSION_PCS principal components."""
+    import anndata as ad
+    import scanpy as sc
+
+    cells = ad.AnnData(X=adata.X.astype(np.float32))  # a copy: the caller's data stays as it is
+    if input_format == "counts":
+        sc.pp.normalize_total(cells, target_sum=1e4)
+        sc.pp.log1p(cells)
+    if cells.n_vars > EXPRESSION_GENES:
+        sc.pp.highly_variable_genes(cells, n_top_genes=EXPRESSION_GENES, subset=True)
+    sc.pp.scale(cells, max_value=10)
+    n_pcs = max(1, min(EXPRESSION_PCS, cells.n_obs - 1, cells.n_vars - 1))
+    sc.pp.pca(cells, n_comps=n_pcs, random_state=seed)
+    return np.asarray(cells.obsm["X_pca"], dtype=np.float32)
+
+
+def expression_graph(adata, input_format: str, seed: int = 2021):
+    """The neighbour graph of --over_clustering expression (EXPRESSION_NEIGHBOURS, Euclidean on the PCs)."""
+    return neighbour_graph(expression_pcs(adata, input_format, seed), seed, n_neighbors=EXPRESSION_NEIGHBOURS,
+                           metric="euclidean")
+
+
 def over_cluster(embedding: np.ndarray, seed: int = 2021, graph=None) -> tuple[np.ndarray, float]:
     """Leiden clusters (igraph's, through scanpy) of the cells' kNN graph in the embedding (15
-    neighbours, cosine; or `graph`, report_utils.neighbour_graph already built), at
-    leiden_resolution(cells). Returns (cluster names "0", "1", ..., resolution). Fewer than 5 cells:
-    each cell is its own cluster."""
+    neighbours, cosine; or `graph`, a report_utils.neighbour_graph already built, e.g. the
+    expression_graph), at leiden_resolution(cells). Returns (cluster names "0", "1", ..., resolution).
+    Fewer than 5 cells: each cell is its own cluster."""
     import scanpy as sc
 
     n = len(embedding)

@@ -284,15 +284,22 @@ class Voting(NamedTuple):
     clusters: np.ndarray
     labels: np.ndarray
     resolution: float
+    space: str               # --over_clustering: "expression" or "embedding"
 
 
-def vote(calls: Calls, encoder: np.ndarray, graph: Any, seed: int) -> Voting:
+def vote(calls: Calls, cells: Cells, encoder: np.ndarray, encoder_graph: Any, space: str, seed: int) -> Voting:
+    """Over-clusters the scored cells in their expression (CellTypist's way) or in the encoder
+    embedding (its neighbour graph, shared with the UMAP), and votes within each cluster."""
     started = time.time()
+    graph = encoder_graph
+    if space == "expression" and len(cells.rows) >= 5:
+        graph = annotation.expression_graph(cells.adata[cells.rows], cells.input_format, seed)
     clusters, resolution = annotation.over_cluster(encoder, seed, graph)
     labels = annotation.majority_vote(clusters, calls.labels, calls.confidence)
-    logger.info(f"majority voting: {len(set(clusters))} clusters (Leiden, resolution {resolution:g}), "
-                f"{int((labels != calls.labels).sum())} of {len(labels)} calls changed ({time.time() - started:.1f} s)")
-    return Voting(clusters, labels, resolution)
+    logger.info(f"majority voting: {len(set(clusters))} clusters (Leiden on the {space} graph, resolution "
+                f"{resolution:g}), {int((labels != calls.labels).sum())} of {len(labels)} calls changed "
+                f"({time.time() - started:.1f} s)")
+    return Voting(clusters, labels, resolution, space)
 
 
 def run_baseline(aligned: Any, input_format: str, truth: np.ndarray, splits: dict[str, Any], rows: np.ndarray,
@@ -365,7 +372,8 @@ def score(calls: Calls | None, classifier: Calls | None, voting: Voting | None, 
                                  **call_scores(classifier.labels, truth, classifier.classes, "scBERT classifier")}
     if voting is not None:
         metrics["majority_voting"] = {
-            "resolution": voting.resolution, "n_clusters": int(len(set(voting.clusters))),
+            "over_clustering": voting.space, "resolution": voting.resolution,
+            "n_clusters": int(len(set(voting.clusters))),
             "n_changed": int((voting.labels != calls.labels).sum()),
             "n_unassigned": int((voting.labels == UNASSIGNED).sum()),
             **call_scores(voting.labels, truth, calls.classes, "after majority voting")}
@@ -569,9 +577,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                         "reference cells").encoder
         calls = knn_calls(reference, reference_embedding, embedded.encoder, args.knn_k, threshold, args.seed)
     graph = None
-    if (args.majority_voting or args.umap) and len(cells.rows) >= 5:
+    if (args.umap or (args.majority_voting and args.over_clustering == "embedding")) and len(cells.rows) >= 5:
         graph = report_utils.neighbour_graph(embedded.encoder, args.seed)
-    voting = vote(calls, embedded.encoder, graph, args.seed) if args.majority_voting else None
+    voting = vote(calls, cells, embedded.encoder, graph, args.over_clustering, args.seed) \
+        if args.majority_voting else None
 
     # score
     truth = None if truth_all is None else truth_all[cells.rows]
@@ -623,9 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--reference_label_key", default="celltype", help="obs column of the reference with its cell "
                      "types (default celltype)")
     ref.add_argument("--knn_k", type=int, default=15, help="reference cells that vote for each cell (default 15)")
-    ref.add_argument("--majority_voting", action="store_true", help="over-cluster the cells (Leiden on their "
-                     "embedding's kNN graph) and give each cluster its commonest call: "
-                     "obs['scbert_majority_voting']")
+    ref.add_argument("--majority_voting", action="store_true", help="over-cluster the cells (Leiden, see "
+                     "--over_clustering) and give each cluster its commonest call: obs['scbert_majority_voting']")
+    ref.add_argument("--over_clustering", choices=annotation.OVER_CLUSTERINGS, default="expression",
+                     help="what --majority_voting over-clusters: the cells' own expression (default, as CellTypist: "
+                     "log-normalised, 2,000 most variable genes, scaled, 50 PCs, 10 neighbours) or the encoder "
+                     "embedding's 15-neighbour cosine graph")
     pred = p.add_argument_group("predictions")
     pred.add_argument("--novel_type", action="store_true",
                       help="call cells whose top probability (kNN: vote share) is below --unassign_thres "

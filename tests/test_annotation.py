@@ -98,6 +98,30 @@ def test_majority_vote_and_resolution_rule():
         [5, 5, 10, 15, 25, 30]
 
 
+def test_expression_over_clustering_separates_populations_and_outvotes_wrong_calls():
+    """Two populations of counts that differ in 30 of 300 genes: every over-cluster of the
+    expression graph is one population, so a few wrong calls are outvoted and all calls come right."""
+    rng = np.random.default_rng(0)
+    n, genes = 120, 300
+    rates = np.full((n, genes), 2.0)
+    rates[:60, :30] = 25.0
+    rates[60:, 30:60] = 25.0
+    counts = anndata.AnnData(X=rng.poisson(rates).astype(np.float32))
+    truth = np.array(["A"] * 60 + ["B"] * 60, dtype=object)
+    pcs = annotation.expression_pcs(counts, "counts")
+    assert pcs.shape == (n, 50) and np.isfinite(pcs).all()
+    assert counts.X.max() > 20, "the caller's matrix is not normalised in place"
+    clusters, resolution = annotation.over_cluster(pcs, 0, annotation.expression_graph(counts, "counts", 0))
+    assert resolution == 5 and len(set(clusters)) > 2
+    for cluster in set(clusters):
+        assert len(set(truth[clusters == cluster])) == 1
+    calls = truth.copy()
+    calls[::7] = np.where(truth[::7] == "A", "B", "A")  # one call in seven wrong, and less sure
+    confidence = np.where(calls == truth, 0.9, 0.4)
+    voted = annotation.majority_vote(clusters, calls, confidence)
+    assert (calls != truth).sum() == 18 and (voted == truth).all()
+
+
 def test_checkpoint_hash_follows_the_weights():
     model = PerformerLM(get_config("tiny", gene_num=20))
     state = model.state_dict()
@@ -150,7 +174,7 @@ def test_knn_with_classifier_and_majority_voting(tmp_path, files):
         counts = pd.Series(labels[members]).value_counts()
         assert voted[members][0] in set(counts.index[counts == counts.max()])
     mv = metrics["majority_voting"]
-    assert mv["n_clusters"] == len(set(clusters)) and mv["resolution"] == 5
+    assert mv["n_clusters"] == len(set(clusters)) and mv["resolution"] == 5 and mv["over_clustering"] == "expression"
     truth = pred.obs["celltype"].astype(str).to_numpy()
     assert mv["accuracy"] == pytest.approx(np.mean(voted == truth))
     assert metrics["accuracy"] == pytest.approx(np.mean(labels == truth))
@@ -166,14 +190,17 @@ def test_pretrained_checkpoint_transfers_labels_and_reuses_an_embedded_reference
     embedded = run_evaluate(*common, "--data_path", str(files["reference"]), "--output_dir", str(tmp_path / "ref"))
     assert embedded["mode"] == "embedding"
     first = run_evaluate(*common, "--data_path", str(files["query"]), "--reference", str(files["reference"]),
-                         "--output_dir", str(tmp_path / "a"))
+                         "--output_dir", str(tmp_path / "a"), "--majority_voting", "--over_clustering", "embedding")
     again = run_evaluate(*common, "--data_path", str(files["query"]), "--output_dir", str(tmp_path / "b"),
                          "--reference", str(tmp_path / "ref" / "predictions.h5ad"))
     assert first["knn"]["reference_embedding"] == "embedded in this run"
     assert again["knn"]["reference_embedding"] == "read from the reference file"
     a = pd.read_csv(tmp_path / "a" / "predictions.csv")
     b = pd.read_csv(tmp_path / "b" / "predictions.csv")
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a.drop(columns=["scbert_over_clustering", "scbert_majority_voting"]), b)
+    assert first["majority_voting"]["over_clustering"] == "embedding"
+    for cluster, calls in a.groupby("scbert_over_clustering")["scbert_majority_voting"]:
+        assert calls.nunique() == 1
     assert "scbert_classifier_label" not in a.columns and first["mode"] == "kNN"
     assert first["accuracy"] > 0.3, "the encoder embedding should carry some of the cell type"
     # another checkpoint's predictions.h5ad is embedded again, not trusted
