@@ -15,7 +15,6 @@ import torch
 import annotation
 import evaluate
 import train_utils
-import utils
 from model import PerformerLM, get_config
 from report_utils import UNASSIGNED
 from test_errors import run_in_process
