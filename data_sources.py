@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import anndata as ad
 import numpy as np
@@ -37,6 +37,9 @@ from data_utils import (
     _ROW_SAMPLE, _check_bin_num, evenly_spaced_rows, fingerprint_values, format_of_sample, label_strings,
     read_csr_rows, read_dataset,
 )
+
+if TYPE_CHECKING:
+    from gene_map import GeneMap
 
 __all__ = ["SomaOptions", "open_cells", "CellSource", "AlignedCells", "StreamedTokens", "EpochOrder", "epoch_plan",
            "BlockLoader", "is_streamed", "STREAM_VALUES", "BLOCK_CELLS", "BLOCKS_HELD", "HVG_SAMPLE_CELLS"]
@@ -459,17 +462,19 @@ class CellSource:
                 h.update("\x1f".join(shard.obs_names()).encode())
         return fingerprint_values(h, self.read_raw(evenly_spaced_rows(self.n_obs, FINGERPRINT_CELLS)))
 
-    def shared_genes(self) -> list[str]:
-        """The genes every shard has, in the first shard's order (case-insensitive repeats once), each
-        shard matched on whichever of its gene identifiers fits best."""
+    def shared_genes(self, gene_map: GeneMap | None = None) -> list[str]:
+        """The genes every shard has, in the first shard's order (renamed by the gene map if given;
+        case-insensitive repeats once), each shard matched on whichever of its gene identifiers fits
+        best."""
         seen: set[str] = set()
         genes = []
-        for g in self.shards[0].var().index:
+        names = list(self.shards[0].var().index)
+        for g in (names if gene_map is None else gene_map.rename(names)):
             if _gene_key(g) not in seen:
                 seen.add(_gene_key(g))
                 genes.append(str(g))
         for shard in self.shards[1:]:
-            found = _PanelMap(shard.var(), genes).found_mask
+            found = _PanelMap(shard.var(), genes, gene_map).found_mask
             genes = [g for g, hit in zip(genes, found) if hit]
             if not genes:
                 raise InputError(f"{shard.name} shares no gene with the shards before it; the shards must name genes "
@@ -499,8 +504,9 @@ class CellSource:
         parts = [self.shards[k].obs(local) for k, _, local in self.locate(np.asarray(rows, dtype=np.int64))]
         return pd.concat(parts) if len(parts) > 1 else parts[0]
 
-    def align(self, panel: Sequence[str], min_overlap: float = 0.1, input_format: str = "auto") -> AlignedCells:
-        return AlignedCells(self, panel, min_overlap, self.input_format(input_format))
+    def align(self, panel: Sequence[str], min_overlap: float = 0.1, input_format: str = "auto",
+              gene_map: GeneMap | None = None) -> AlignedCells:
+        return AlignedCells(self, panel, min_overlap, self.input_format(input_format), gene_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,11 +517,12 @@ class AlignedCells:
     """A CellSource on a gene panel: each shard's columns mapped to the panel (genes outside it
     dropped, repeats summed, missing genes 0), read a block of rows at a time."""
 
-    def __init__(self, source: CellSource, panel: Sequence[str], min_overlap: float, input_format: str):
+    def __init__(self, source: CellSource, panel: Sequence[str], min_overlap: float, input_format: str,
+                 gene_map: GeneMap | None = None):
         self.source, self.panel, self.input_format = source, [str(g) for g in panel], input_format
         self.maps = []
         for shard in source.shards:
-            pmap = _PanelMap(shard.var(), self.panel)
+            pmap = _PanelMap(shard.var(), self.panel, gene_map)
             try:
                 pmap.check(min_overlap)
             except InputError as err:
@@ -524,14 +531,48 @@ class AlignedCells:
         found = np.logical_and.reduce([m.found_mask for m in self.maps])
         matched = sorted({m.matched_on for m in self.maps})
         self.found_mask = found
+        self.count_share = self._count_share()
         self.uns = {"scbert_panel_overlap": {"found": int(found.sum()), "total": len(self.panel),
-                                             "matched_on": ", ".join(matched)},
+                                             "matched_on": ", ".join(matched),
+                                             "count_share": float(self.count_share.sum())},
                     "scbert_input_format": input_format}
         n_found = [m.found for m in self.maps]
         log = logger.warning if min(n_found) < 0.5 * len(self.panel) else logger.info
-        log("gene panel: %d-%d of %d genes found per shard of %s (matched on %s); the missing ones get token 0",
-            min(n_found), max(n_found), len(self.panel), source.path, ", ".join(matched))
+        log("gene panel: %d-%d of %d genes found per shard of %s (matched on %s), holding about %.1f%% of its counts "
+            "(%d evenly spaced cells); the missing ones get token 0", min(n_found), max(n_found), len(self.panel),
+            source.path, ", ".join(matched), 100 * self.count_share.sum(), min(_ROW_SAMPLE, source.n_obs))
         self._canonical = [self._rows_canonical(k) for k in range(len(source.shards))]
+
+    def _count_share(self) -> np.ndarray:
+        """Each panel gene's share of the data's counts (on the expression scale for log1p data), as
+        align_to_panel reports it, estimated on up to 1,000 evenly spaced cells (a whole pass would read
+        every cell for a table)."""
+        share = np.zeros(len(self.panel), dtype=np.float64)
+        total = 0.0
+        for k, _, local in self.source.locate(evenly_spaced_rows(self.source.n_obs, _ROW_SAMPLE)):
+            shard, pmap = self.source.shards[k], self.maps[k]
+            data, cols, _ = shard.read(local)
+            values = np.expm1(np.asarray(data, np.float64)) if self.input_format == "log1p" else np.asarray(
+                data, np.float64)
+            column_totals = np.bincount(cols, weights=values, minlength=shard.n_vars)
+            mapped = np.flatnonzero(pmap.col_to_panel >= 0)
+            share += np.bincount(pmap.col_to_panel[mapped], weights=column_totals[mapped], minlength=len(self.panel))
+            total += column_totals.sum()
+        return share / total if total > 0 else share
+
+    def gene_overlap_table(self) -> pd.DataFrame:
+        """gene_overlap.csv as data_utils.gene_overlap_table gives it: found (in every shard), the data's
+        identifiers that went into each panel gene (over all shards, ';'-joined) and its count share
+        (estimated, see _count_share)."""
+        sources: list[list[str]] = [[] for _ in self.panel]
+        for pmap in self.maps:
+            for col in np.flatnonzero(pmap.col_to_panel >= 0):
+                name = str(pmap.matched_names[col])
+                if name not in sources[pmap.col_to_panel[col]]:
+                    sources[pmap.col_to_panel[col]].append(name)
+        return pd.DataFrame({"panel_gene": self.panel, "found": self.found_mask,
+                             "data_genes": [";".join(names) for names in sources], "count_share": self.count_share,
+                             "matched_on": self.uns["scbert_panel_overlap"]["matched_on"]})
 
     @property
     def n_obs(self) -> int:

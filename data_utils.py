@@ -14,7 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import anndata as ad
 import numpy as np
@@ -22,10 +22,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+if TYPE_CHECKING:
+    from gene_map import GeneMap
+
 __all__ = [
     "InputError", "DEFAULT_DATA_NAME", "INPUT_FORMATS", "READABLE_FORMATS",
     "read_dataset", "detect_input_format",
-    "load_gene_panel", "panel_from_data", "align_to_panel",
+    "load_gene_panel", "panel_from_data", "align_to_panel", "gene_overlap_table",
     "tokenize", "tokenize_matrix", "expressed_gene_counts", "filter_cells_min_genes",
     "mask_expressed_genes", "TokenDataset", "token_loader",
     "read_labels", "obs_columns", "stratified_splits", "stratified_folds", "data_fingerprint", "log_normalised",
@@ -419,11 +422,13 @@ def load_gene_panel(path: str | os.PathLike) -> list[str]:
     return genes
 
 
-def panel_from_data(adata: ad.AnnData) -> list[str]:
-    """The data's own genes as a panel: var_names in order, repeats (case-insensitive) kept once."""
+def panel_from_data(adata: ad.AnnData, gene_map: GeneMap | None = None) -> list[str]:
+    """The data's own genes as a panel: var_names in order (renamed by the gene map, if one is
+    given), repeats (case-insensitive) kept once."""
     seen: set[str] = set()
     panel = []
-    for g in adata.var_names:
+    names = list(adata.var_names) if gene_map is None else gene_map.rename(adata.var_names)
+    for g in names:
         k = _gene_key(g)
         if k not in seen:
             seen.add(k)
@@ -433,13 +438,14 @@ def panel_from_data(adata: ad.AnnData) -> list[str]:
 
 class _PanelMap:
     """Where each dataset column goes in the panel (-1: dropped), chosen over var_names and the
-    usual gene-id/symbol columns by whichever matches the most panel genes. `adata` may also be a
-    var table alone (its index the var_names), as a streamed source has it."""
+    usual gene-id/symbol columns by whichever matches the most panel genes, after renaming them by
+    the gene map (--gene_map), if one is given. `adata` may also be a var table alone (its index the
+    var_names), as a streamed source has it."""
 
-    def __init__(self, adata: ad.AnnData | pd.DataFrame, panel: Sequence[str]):
+    def __init__(self, adata: ad.AnnData | pd.DataFrame, panel: Sequence[str], gene_map: GeneMap | None = None):
         var = adata.var if isinstance(adata, ad.AnnData) else adata
         self.panel = [str(g) for g in panel]
-        keys = [_gene_key(g) for g in self.panel]
+        keys = [_gene_key(g) for g in self.panel] if gene_map is None else gene_map.panel_keys(self.panel)
         pos = {k: i for i, k in enumerate(keys)}
         if len(pos) != len(keys):
             dup = pd.Series(keys)[pd.Series(keys).duplicated()].unique()
@@ -451,11 +457,15 @@ class _PanelMap:
                 candidates.append((f"var['{col}']", var[col].astype(str).to_numpy()))
         best = None
         for label, names in candidates:
-            cols = np.fromiter((pos.get(_gene_key(n), -1) for n in names), dtype=np.int64, count=len(names))
+            renamed = names if gene_map is None else gene_map.rename(names)
+            cols = np.fromiter((pos.get(_gene_key(n), -1) for n in renamed), dtype=np.int64, count=len(names))
             found = len(np.unique(cols[cols >= 0]))
             if best is None or found > best[2]:
                 best = (label, cols, found, names)
         self.matched_on, self.col_to_panel, self.found, names = best
+        if gene_map is not None:
+            self.matched_on += f" through --gene_map {gene_map.source}"
+        self.matched_names = np.asarray(names, dtype=str)  # the dataset's identifiers, one per column
         self.total = len(self.panel)
         mapped = self.col_to_panel[self.col_to_panel >= 0]
         self.has_duplicates = len(mapped) != len(np.unique(mapped))
@@ -501,38 +511,65 @@ class _PanelMap:
 
 
 def align_to_panel(adata: ad.AnnData, panel: Sequence[str], min_overlap: float = 0.1,
-                   input_format: str = "auto") -> ad.AnnData:
+                   input_format: str = "auto", gene_map: GeneMap | None = None) -> ad.AnnData:
     """Cells x len(panel) CSR float32 AnnData in panel order (var_names = panel).
 
     Genes outside the panel are dropped, panel genes the data lacks are 0, genes occurring twice are
     summed (on the expression scale for log1p data). Matching is case-insensitive, ignores Ensembl
-    version suffixes, and uses var_names or var['gene_ids'] / var['gene_symbols'], whichever fits.
-    Sets uns['scbert_panel_overlap'] = {'found', 'total', 'matched_on'}, uns['scbert_input_format'] and
-    var['in_data']. A backed input is read block by block but the result is in memory; for data larger
-    than RAM give the panel to TokenDataset instead, which aligns each batch as it reads it.
+    version suffixes, and uses var_names or var['gene_ids'] / var['gene_symbols'], whichever fits,
+    after renaming them by `gene_map` (gene_map.py; several dataset genes renamed to one panel gene
+    are summed). Sets uns['scbert_panel_overlap'] = {'found', 'total', 'matched_on', 'count_share'},
+    uns['scbert_input_format'], and per panel gene var['in_data'], var['data_genes'] (the dataset's
+    identifiers that went into it) and var['count_share'] (its share of all the dataset's counts, on
+    the expression scale for log1p data): gene_overlap_table reads them. A backed input is read block
+    by block but the result is in memory; for data larger than RAM give the panel to TokenDataset
+    instead, which aligns each batch as it reads it.
     """
     fmt = detect_input_format(adata, input_format)
-    pmap = _PanelMap(adata, panel)
+    pmap = _PanelMap(adata, panel, gene_map)
     pmap.check(min_overlap)
-    log = logger.warning if pmap.found < 0.5 * pmap.total else logger.info
-    log("gene panel: %d of %d genes found in the data (matched on %s); the missing ones get token 0",
-        pmap.found, pmap.total, pmap.matched_on)
     reader = _RowReader(adata)
+    column_totals = np.zeros(adata.n_vars, dtype=np.float64)
     try:
-        parts = [pmap.apply(block, fmt) for _, block in reader.blocks()]
+        parts = []
+        for _, block in reader.blocks():
+            parts.append(pmap.apply(block, fmt))
+            values = np.expm1(block.data.astype(np.float64)) if fmt == "log1p" else block.data
+            column_totals += np.bincount(block.indices, weights=values, minlength=adata.n_vars)
     finally:
         reader.close()
     X = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
     X.sort_indices()
-    var = pd.DataFrame({"in_data": pmap.found_mask}, index=pd.Index(pmap.panel))
+    mapped = np.flatnonzero(pmap.col_to_panel >= 0)
+    total = column_totals.sum()
+    share = np.bincount(pmap.col_to_panel[mapped], weights=column_totals[mapped], minlength=pmap.total)
+    share = share / total if total > 0 else share
+    sources = pd.Series(pmap.matched_names[mapped]).groupby(pmap.col_to_panel[mapped]).agg(";".join)
+    log = logger.warning if pmap.found < 0.5 * pmap.total else logger.info
+    log("gene panel: %d of %d genes found in the data (matched on %s), holding %.1f%% of its counts; the missing "
+        "ones get token 0", pmap.found, pmap.total, pmap.matched_on, 100 * share.sum())
+    var = pd.DataFrame({"in_data": pmap.found_mask,
+                        "data_genes": sources.reindex(range(pmap.total), fill_value="").to_numpy(),
+                        "count_share": share}, index=pd.Index(pmap.panel))
     out = ad.AnnData(X=X.astype(np.float32, copy=False), obs=adata.obs.copy(), var=var)
     for key in adata.obsm.keys():
         out.obsm[key] = adata.obsm[key]
     out.uns.update(dict(adata.uns))
     out.uns["scbert_panel_overlap"] = {"found": int(pmap.found), "total": int(pmap.total),
-                                       "matched_on": pmap.matched_on}
+                                       "matched_on": pmap.matched_on, "count_share": float(share.sum())}
     out.uns["scbert_input_format"] = fmt
     return out
+
+
+def gene_overlap_table(aligned: ad.AnnData) -> pd.DataFrame:
+    """gene_overlap.csv: every panel gene of data aligned by align_to_panel, in panel order, whether
+    the data had it, as which of the data's identifiers (';'-joined when several were summed), and its
+    share of the dataset's counts (the column sums to the share of the counts that mapped)."""
+    var = aligned.var
+    return pd.DataFrame({"panel_gene": var.index.astype(str), "found": var["in_data"].to_numpy(bool),
+                         "data_genes": var["data_genes"].astype(str).to_numpy(),
+                         "count_share": var["count_share"].to_numpy(np.float64),
+                         "matched_on": aligned.uns["scbert_panel_overlap"]["matched_on"]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,22 +826,22 @@ class TokenDataset(torch.utils.data.Dataset):
     which `token_loader` uses through a BatchSampler; `__getitems__` serves a plain DataLoader with
     batch_size set. A backed .h5ad is read lazily (each worker opens the file itself; only the row
     pointers are in memory). `panel` aligns each batch to a gene panel on the fly for backed data
-    (in-memory data is aligned once).
+    (in-memory data is aligned once), after renaming the data's genes by `gene_map`, if given.
     """
 
     def __init__(self, adata: ad.AnnData, input_format: str = "auto", bin_num: int = 5,
                  labels: np.ndarray | None = None, indices: np.ndarray | None = None,
-                 panel: Sequence[str] | None = None, min_overlap: float = 0.1):
+                 panel: Sequence[str] | None = None, min_overlap: float = 0.1, gene_map: GeneMap | None = None):
         _check_bin_num(bin_num)
         self.input_format = detect_input_format(adata, input_format)
         self.bin_num = int(bin_num)
         self._panel_map = None
-        if panel is not None and list(adata.var_names) != list(panel):
+        if panel is not None and (list(adata.var_names) != list(panel) or gene_map is not None):
             if adata.isbacked:
-                self._panel_map = _PanelMap(adata, panel)
+                self._panel_map = _PanelMap(adata, panel, gene_map)
                 self._panel_map.check(min_overlap)
             else:
-                adata = align_to_panel(adata, panel, min_overlap, self.input_format)
+                adata = align_to_panel(adata, panel, min_overlap, self.input_format, gene_map)
         self.n_genes = len(panel) if self._panel_map is not None else adata.n_vars
         self.seq_len = self.n_genes + 1
         self._reader = _RowReader(adata)

@@ -1,12 +1,18 @@
-"""Annotate cells with a fine-tuned scBERT model and report how well it did.
+"""Annotate cells with a scBERT checkpoint (fine-tuned or only pretrained) and report how well it did.
 
     python evaluate.py                                   # ckpts/finetune_best.pth on its held-out test cells
     python evaluate.py --data_path new.h5ad --novel_type # annotate other data; low-confidence cells -> Unassigned
     python evaluate.py --baseline                        # + L1 logistic regression on the same split
+    python evaluate.py --model_path ckpts/pretrain.pth --data_path cells.h5ad   # encoder embeddings + UMAP
+    python evaluate.py --model_path ckpts/pretrain.pth --data_path query.h5ad --reference ref.h5ad
+                                                         # kNN label transfer from a labelled reference
+    python evaluate.py --data_path new.h5ad --majority_voting   # + majority vote over an over-clustering
 
-Writes into --output_dir (all files or none): predictions.h5ad (the scored cells with obs['scbert_label'],
-obs['scbert_confidence'], obsm['scbert_probabilities'], obsm['X_scbert'] and uns['scbert_classes']),
-predictions.csv, metrics.json, confusion_matrix.png (with labels), umap.png and gene_importance.csv.
+Writes into --output_dir (all files or none): predictions.h5ad (the scored cells with
+obsm['X_scbert_encoder'] and, where the cells get calls, obs['scbert_label'], obs['scbert_confidence'],
+obsm['scbert_probabilities'] and uns['scbert_classes']; obsm['X_scbert'] from a classifier head),
+predictions.csv, metrics.json, confusion_matrix.png (with labels), umap.png, gene_importance.csv (with a
+classifier head) and gene_overlap.csv.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import annotation
 import report_utils
 import utils
 from model import PerformerLM
@@ -28,7 +35,7 @@ from report_utils import UNASSIGNED
 logger = logging.getLogger("scbert")
 
 OUTPUT_FILES = ("predictions.h5ad", "predictions.csv", "metrics.json", "confusion_matrix.png", "umap.png",
-                "gene_importance.csv")
+                "gene_importance.csv", "gene_overlap.csv")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,23 +116,23 @@ def true_labels(adata: Any, label_key: str, explicit: bool) -> np.ndarray | None
 
 
 class Loaded(NamedTuple):
-    """The fine-tuned model (eval mode, on its device) and what its checkpoint brings."""
+    """The model (eval mode, on its device) and what its checkpoint brings."""
     model: PerformerLM
     ckpt: dict[str, Any]
-    classes: list[str]      # cell-type names, in the order of the model's outputs
-    panel: list[str]        # genes, in model order
+    classes: list[str] | None  # cell-type names in the order of the classifier's outputs; None: no classifier
+    panel: list[str]           # genes, in model order
+    weights_hash: str          # annotation.checkpoint_hash of its weights
 
 
 def load_model(model_path: str, label_names_path: str | None, panel_path: str | None,
                device: torch.device) -> Loaded:
     model, ckpt = utils.load_checkpoint(model_path, map_location="cpu")
-    if model.head_kind != "classifier":
-        raise utils.InputError(f"{model_path} is a pretraining (masked-expression) checkpoint without a cell-type "
-                               f"classifier; fine-tune it first (python finetune.py --model_path {model_path}) "
-                               f"and evaluate the result (ckpts/finetune_best.pth)")
-    classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
+    classes = None
+    if model.head_kind == "classifier":
+        classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
     panel = checkpoint_panel(ckpt, model.config.gene_num, panel_path)
-    return Loaded(model.to(device).eval(), ckpt, classes, panel)
+    weights_hash = annotation.checkpoint_hash(model.state_dict())
+    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash)
 
 
 class Cells(NamedTuple):
@@ -141,7 +148,7 @@ class Cells(NamedTuple):
 
 
 def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], input_format: str,
-                all_cells: bool, soma: utils.SomaOptions) -> Cells:
+                all_cells: bool, gene_map: utils.GeneMap | None, soma: utils.SomaOptions) -> Cells:
     """Reads the data (default: the checkpoint's, with its SOMA options), picks the cells to score and
     aligns them to the panel."""
     path = data_path if data_path is not None else ckpt.get("data_path")
@@ -150,7 +157,7 @@ def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], i
         soma = utils.SomaOptions(saved.get("soma_measurement", soma.measurement), saved.get("soma_layer"),
                                  saved.get("obs_filter"))
         if not any(c in str(path) for c in "*?[") and "://" not in str(path) and not Path(path).exists():
-            raise utils.InputError(f"the checkpoint was fine-tuned on {path}, which does not exist here; "
+            raise utils.InputError(f"the checkpoint was trained on {path}, which does not exist here; "
                                    f"pass --data_path with the data to annotate")
     name = path or f"the default data ({utils.DEFAULT_DATA_NAME})"
     adata = utils.open_cells(path, soma)
@@ -158,10 +165,11 @@ def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], i
     rows, same_data, scope = scored_cells(adata, ckpt, all_cells)
     if len(rows) == 0:
         raise utils.InputError(f"{name} holds no cells to annotate; pass a non-empty dataset")
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
     overlap = dict(aligned.uns["scbert_panel_overlap"])
     logger.info(f"data: {name}, {adata.n_obs} cells x {adata.n_vars} genes ({input_format}); "
-                f"{overlap['found']} of {overlap['total']} panel genes found ({overlap['found'] / overlap['total']:.1%})")
+                f"{overlap['found']} of {overlap['total']} panel genes found ({overlap['found'] / overlap['total']:.1%}), "
+                f"{overlap['count_share']:.1%} of the counts")
     return Cells(adata, aligned, input_format, rows, same_data, scope, overlap, str(name))
 
 
@@ -173,27 +181,130 @@ def note_sparse_cells(cells: Cells, panel: list[str]) -> None:
                         f"published quality filter); they are annotated, but less reliably")
 
 
-class Annotation(NamedTuple):
-    """What the model says about each scored cell."""
-    probabilities: np.ndarray  # (cells, classes) float32
-    embedding: np.ndarray      # (cells, 128) float32
-    labels: np.ndarray         # the predicted names (Unassigned below the threshold, if one is set)
-    confidence: np.ndarray     # the top probability
-    threshold: float | None    # --unassign_thres with --novel_type
-    seconds: float             # inference time
+class Reference(NamedTuple):
+    """The labelled cells that --reference brings, embedded or ready to be."""
+    name: str
+    label_key: str
+    labels: np.ndarray                   # their types (labelled cells only)
+    cell_names: np.ndarray               # their obs names
+    embedding: np.ndarray | None         # (cells, dim), read from a predictions.h5ad of this checkpoint
+    dataset: utils.TokenDataset | None   # else the cells to embed, on the model's panel
 
 
-def annotate(model: PerformerLM, dataset: utils.TokenDataset, classes: list[str], threshold: float | None,
-             batch_size: int, ctx: utils.DistContext, precision: utils.Precision, num_workers: int) -> Annotation:
+def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
+                   gene_map: utils.GeneMap | None) -> Reference:
+    """The reference's labelled cells, checked before any cell is embedded. A predictions.h5ad that
+    this checkpoint wrote (the same weights hash and pooling in its uns) brings its embedding along."""
+    if not Path(path).exists():
+        raise utils.InputError(f"--reference {path} does not exist; pass a file of labelled cells (any format "
+                               f"--data_path takes) or a predictions.h5ad that evaluate.py wrote")
+    adata = utils.read_dataset(path, backed=True)
+    labels = utils.read_labels(adata, label_key)
+    if labels is None:
+        raise utils.InputError(f"the reference {path} has no obs column '{label_key}' (it has: "
+                               f"{utils.obs_columns(adata)}); pass --reference_label_key with the column "
+                               f"holding its cell types")
+    rows = np.flatnonzero([label is not None for label in labels])
+    if len(rows) == 0:
+        raise utils.InputError(f"the reference {path} has no labels in obs['{label_key}']; label its cells or "
+                               f"pass --reference_label_key with another column")
+    if len(rows) < adata.n_obs:
+        logger.info(f"note: {adata.n_obs - len(rows)} reference cells without a label in obs['{label_key}'] "
+                    f"are left out")
+    names = np.asarray(adata.obs_names[rows], dtype=str)
+    info = adata.uns.get("scbert", {}) if adata.uns is not None else {}
+    if "X_scbert_encoder" in adata.obsm and info.get("checkpoint_hash") == loaded.weights_hash \
+            and info.get("encoder_pooling") == annotation.POOLING:
+        logger.info(f"reference: {path}, {len(rows)} labelled cells, embedded by this checkpoint before "
+                    f"(its obsm['X_scbert_encoder'])")
+        return Reference(path, label_key, labels[rows], names, np.asarray(adata.obsm["X_scbert_encoder"])[rows], None)
+    if "X_scbert_encoder" in adata.obsm:
+        logger.info(f"note: {path} holds embeddings of another checkpoint (or pooling); embedding its cells again")
+    try:
+        dataset = utils.TokenDataset(adata, input_format, loaded.model.config.bin_num, indices=rows,
+                                     panel=loaded.panel, gene_map=gene_map)
+    except utils.InputError as err:
+        raise utils.InputError(f"the reference {path}: {err}") from None
+    logger.info(f"reference: {path}, {len(rows)} labelled cells of {len(set(labels[rows]))} types in "
+                f"obs['{label_key}'], to embed")
+    return Reference(path, label_key, labels[rows], names, None, dataset)
+
+
+class Embedded(NamedTuple):
+    """What one pass of the model gives for each scored cell."""
+    encoder: np.ndarray        # (cells, dim): the pooled encoder output, obsm['X_scbert_encoder']
+    logits: np.ndarray | None  # (cells, classes) with a classifier head
+    head: np.ndarray | None    # (cells, 128): the classifier head's embedding, obsm['X_scbert']
+    seconds: float
+
+
+def embed(model: PerformerLM, dataset: utils.TokenDataset, batch_size: int, ctx: utils.DistContext,
+          precision: utils.Precision, num_workers: int, what: str) -> Embedded:
     started = time.time()
-    predictions = utils.predict(model, dataset, batch_size, ctx, precision, num_workers, show_progress=True)
-    probabilities = torch.softmax(torch.from_numpy(predictions.logits), dim=-1).numpy()
+    out = utils.predict(model, dataset, batch_size, ctx, precision, num_workers, show_progress=True,
+                        pool=annotation.pooling())
     seconds = time.time() - started
+    logger.info(f"embedded {len(dataset)} {what} in {seconds:.1f} s ({len(dataset) / max(seconds, 1e-9):.0f} cells/s)")
+    return Embedded(out.encoder, out.logits, out.embeddings, seconds)
+
+
+class Calls(NamedTuple):
+    """One method's cell-type calls for the scored cells."""
+    method: str                # "classifier" or "kNN"
+    classes: list[str]         # the classifier's outputs, or the reference's types
+    probabilities: np.ndarray  # (cells, classes): the classifier's softmax, or the kNN vote shares
+    labels: np.ndarray         # the called names (Unassigned under --novel_type)
+    confidence: np.ndarray     # the top probability / vote share
+    threshold: float | None    # --unassign_thres with --novel_type
+    details: dict[str, Any]    # for metrics.json
+
+
+def classifier_calls(logits: np.ndarray, classes: list[str], threshold: float | None) -> Calls:
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
     labels = report_utils.assign_labels(probabilities, classes, threshold)
-    n = len(labels)
-    logger.info(f"annotated {n} cells in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} cells/s)"
-                + (f"; {int((labels == UNASSIGNED).sum())} Unassigned (confidence < {threshold})" if threshold else ""))
-    return Annotation(probabilities, predictions.embeddings, labels, probabilities.max(axis=1), threshold, seconds)
+    if threshold:
+        logger.info(f"classifier: {int((labels == UNASSIGNED).sum())} Unassigned (confidence < {threshold})")
+    return Calls("classifier", classes, probabilities, labels, probabilities.max(axis=1), threshold, {})
+
+
+def knn_calls(reference: Reference, reference_embedding: np.ndarray, query: np.ndarray, k: int,
+              threshold: float | None, seed: int) -> Calls:
+    transfer = annotation.knn_transfer(reference_embedding, reference.labels, query, k, threshold, seed)
+    details = {"reference": reference.name, "reference_label_key": reference.label_key,
+               "reference_cells": int(len(reference.labels)), "k": int(min(k, len(reference.labels))),
+               "reference_embedding": "read from the reference file" if reference.embedding is not None
+               else "embedded in this run", "pooling": annotation.POOLING,
+               "novelty_percentile": annotation.NOVELTY_PERCENTILE if threshold is not None else None,
+               "novelty_radius": transfer.novelty_radius if threshold is not None else None,
+               "n_unassigned_low_share": transfer.n_low_share, "n_unassigned_far": transfer.n_far}
+    if threshold is not None:
+        logger.info(f"kNN: {transfer.n_low_share} Unassigned for a vote share < {threshold}, {transfer.n_far} for "
+                    f"lying farther than {transfer.novelty_radius:.4f} (the reference's own k-th neighbour "
+                    f"distances at the {annotation.NOVELTY_PERCENTILE:g}th percentile)")
+    return Calls("kNN", transfer.classes, transfer.shares, transfer.labels, transfer.confidence, threshold, details)
+
+
+class Voting(NamedTuple):
+    """--majority_voting: the over-clustering and each cluster's commonest call."""
+    clusters: np.ndarray
+    labels: np.ndarray
+    resolution: float
+    space: str               # --over_clustering: "expression" or "embedding"
+
+
+def vote(calls: Calls, cells: Cells, encoder: np.ndarray, encoder_graph: Any, space: str, seed: int) -> Voting:
+    """Over-clusters the scored cells in their expression (CellTypist's way) or in the encoder
+    embedding (its neighbour graph, shared with the UMAP), and votes within each cluster."""
+    started = time.time()
+    graph = encoder_graph
+    if space == "expression" and len(cells.rows) >= 5:
+        graph = annotation.expression_graph(cells.adata[cells.rows], cells.input_format, seed)
+    clusters, resolution = annotation.over_cluster(encoder, seed, graph)
+    labels = annotation.majority_vote(clusters, calls.labels, calls.confidence)
+    logger.info(f"majority voting: {len(set(clusters))} clusters (Leiden on the {space} graph, resolution "
+                f"{resolution:g}), {int((labels != calls.labels).sum())} of {len(labels)} calls changed "
+                f"({time.time() - started:.1f} s)")
+    return Voting(clusters, labels, resolution, space)
 
 
 def run_baseline(aligned: Any, input_format: str, truth: np.ndarray, splits: dict[str, Any], rows: np.ndarray,
@@ -217,100 +328,170 @@ def run_baseline(aligned: Any, input_format: str, truth: np.ndarray, splits: dic
     return predicted, {**info, **{k: scores[k] for k in ("accuracy", "macro_f1", "weighted_f1", "per_class")}}
 
 
-def score(annotation: Annotation, truth: np.ndarray | None, label_key: str, cells: Cells, classes: list[str],
-          model_path: str, amp: str) -> dict[str, Any]:
-    """metrics.json: what was scored and how, and with labels the scores of the labelled cells."""
-    n, labels = len(cells.rows), annotation.labels
-    metrics: dict[str, Any] = {
-        "model_path": str(model_path), "data": cells.name, "scored_cells": cells.scope,
-        "n_cells": int(n), "n_unassigned": int((labels == UNASSIGNED).sum()),
-        "unassign_thres": annotation.threshold, "classes": classes,
-        "label_key": label_key if truth is not None else None, "panel_overlap": cells.overlap,
-        "input_format": cells.input_format, "amp": amp, "inference_seconds": round(annotation.seconds, 3),
-        "cells_per_second": round(n / max(annotation.seconds, 1e-9), 1),
-    }
+SCORE_KEYS = ("accuracy", "macro_f1", "weighted_f1", "per_class", "n_known_label_cells", "n_unassigned_known_label",
+              "unknown_labels", "novel_detection")
+
+
+def call_scores(labels: np.ndarray, truth: np.ndarray | None, classes: list[str], title: str) -> dict[str, Any]:
+    """The scores of one set of calls on the cells with a true label (None scores without any)."""
     labelled = None if truth is None else np.array([t is not None for t in truth], dtype=bool)
-    if truth is None or not labelled.any():
-        metrics.update(accuracy=None, macro_f1=None, weighted_f1=None, per_class={}, unknown_labels={})
-        if truth is not None:
-            logger.info(f"note: column '{label_key}' has no labels for the scored cells; annotating without scores")
-        return metrics
+    if labelled is None or not labelled.any():
+        return {"accuracy": None, "macro_f1": None, "weighted_f1": None, "per_class": {}, "unknown_labels": {}}
     scores = report_utils.classification_metrics(truth[labelled], labels[labelled], classes)
-    metrics.update({k: v for k, v in scores.items() if k not in ("n_cells", "n_unassigned")})
-    metrics["n_labelled_cells"] = int(labelled.sum())
-    logger.info(f"scBERT: accuracy {fmt(scores['accuracy'])}, macro-F1 {fmt(scores['macro_f1'])}, weighted F1 "
+    logger.info(f"{title}: accuracy {fmt(scores['accuracy'])}, macro-F1 {fmt(scores['macro_f1'])}, weighted F1 "
                 f"{fmt(scores['weighted_f1'])} on {scores['n_known_label_cells']} cells with known types")
-    for name, info in scores["unknown_labels"].items():
+    out = {k: scores[k] for k in SCORE_KEYS}
+    out["n_labelled_cells"] = int(labelled.sum())
+    return out
+
+
+def score(calls: Calls | None, classifier: Calls | None, voting: Voting | None, truth: np.ndarray | None,
+          label_key: str, cells: Cells, loaded: Loaded, model_path: str, amp: str, seconds: float) -> dict[str, Any]:
+    """metrics.json: what was scored and how, and with labels the scores of the labelled cells: of the
+    final calls, of the classifier's beside the kNN's, and after majority voting."""
+    n = len(cells.rows)
+    mode = "embedding" if calls is None else calls.method
+    metrics: dict[str, Any] = {
+        "model_path": str(model_path), "data": cells.name, "scored_cells": cells.scope, "mode": mode,
+        "n_cells": int(n), "n_unassigned": int((calls.labels == UNASSIGNED).sum()) if calls is not None else 0,
+        "unassign_thres": calls.threshold if calls is not None else None,
+        "classes": calls.classes if calls is not None else [],
+        "label_key": label_key if truth is not None else None, "panel_overlap": cells.overlap,
+        "input_format": cells.input_format, "amp": amp, "inference_seconds": round(seconds, 3),
+        "cells_per_second": round(n / max(seconds, 1e-9), 1),
+        "checkpoint_hash": loaded.weights_hash, "encoder_pooling": annotation.POOLING,
+    }
+    if calls is None:
+        metrics.update(accuracy=None, macro_f1=None, weighted_f1=None, per_class={}, unknown_labels={})
+        return metrics
+    if truth is not None and not any(t is not None for t in truth):
+        logger.info(f"note: column '{label_key}' has no labels for the scored cells; annotating without scores")
+    metrics.update(call_scores(calls.labels, truth, calls.classes,
+                               "scBERT" if calls.method == "classifier" else "scBERT kNN transfer"))
+    for name, info in metrics.get("unknown_labels", {}).items():
         logger.info(f"  type unknown to the model: {name}: {info['n_cells']} cells, {info['n_unassigned']} Unassigned")
+    if calls.method == "kNN":
+        metrics["knn"] = calls.details
+    if classifier is not None and classifier is not calls:
+        metrics["classifier"] = {"classes": classifier.classes,
+                                 **call_scores(classifier.labels, truth, classifier.classes, "scBERT classifier")}
+    if voting is not None:
+        metrics["majority_voting"] = {
+            "over_clustering": voting.space, "resolution": voting.resolution,
+            "n_clusters": int(len(set(voting.clusters))),
+            "n_changed": int((voting.labels != calls.labels).sum()),
+            "n_unassigned": int((voting.labels == UNASSIGNED).sum()),
+            **call_scores(voting.labels, truth, calls.classes, "after majority voting")}
     return metrics
 
 
-def explain(model: PerformerLM, dataset: utils.TokenDataset, annotation: Annotation, classes: list[str],
-            panel: list[str], precision: utils.Precision, gene_importance: bool, umap: bool, top_genes: int,
-            importance_cells: int, batch_size: int, seed: int) -> tuple[pd.DataFrame | None, np.ndarray | None]:
-    """The report beyond the scores: top genes per predicted type, and UMAP coordinates of the embedding."""
+def explain(model: PerformerLM, dataset: utils.TokenDataset, classifier: Calls | None, encoder: np.ndarray,
+            graph: Any, panel: list[str], precision: utils.Precision, gene_importance: bool, umap: bool,
+            top_genes: int, importance_cells: int, batch_size: int,
+            seed: int) -> tuple[pd.DataFrame | None, np.ndarray | None]:
+    """The report beyond the scores: top genes per type the classifier predicts, and UMAP
+    coordinates of the encoder embedding."""
     importance = None
-    if gene_importance:
+    if gene_importance and classifier is None:
+        logger.info("note: the checkpoint has no classifier head; gene importance is skipped")
+    elif gene_importance:
         started = time.time()
         importance = report_utils.gene_importance(
-            model, dataset, annotation.labels, classes, panel, precision.device, top_n=top_genes,
+            model, dataset, classifier.labels, classifier.classes, panel, precision.device, top_n=top_genes,
             max_cells=importance_cells, batch_size=min(batch_size, 16), seed=seed, show_progress=True,
             autocast=precision.autocast)
         logger.info(f"gene importance: {importance['cell_type'].nunique()} cell types in {time.time() - started:.1f} s")
     coordinates = None
     if umap:
-        coordinates = report_utils.umap_coordinates(annotation.embedding, seed=seed)
+        coordinates = report_utils.umap_coordinates(encoder, seed=seed, graph=graph)
         if coordinates is None:
             logger.info("note: too few cells for a UMAP; umap.png is not written")
     return importance, coordinates
 
 
-def annotated_data(cells: Cells, annotation: Annotation, classes: list[str], coordinates: np.ndarray | None,
-                   model_path: str) -> Any:
-    """predictions.h5ad: the scored cells with the model's labels, confidences, probabilities and embeddings."""
+def annotated_data(cells: Cells, embedded: Embedded, calls: Calls | None, classifier: Calls | None,
+                   voting: Voting | None, coordinates: np.ndarray | None, model_path: str,
+                   weights_hash: str) -> Any:
+    """predictions.h5ad: the scored cells with their embeddings and, where made, the calls (of a
+    streamed source: its obs alone, no X)."""
     scored = utils.cells_for_output(cells.adata, cells.rows)
-    scored.obs["scbert_label"] = pd.Categorical(annotation.labels.astype(str), categories=classes + (
-        [UNASSIGNED] if annotation.threshold is not None else []))
-    scored.obs["scbert_confidence"] = annotation.confidence.astype(np.float32)
-    scored.obsm["scbert_probabilities"] = annotation.probabilities.astype(np.float32)
-    scored.obsm["X_scbert"] = annotation.embedding.astype(np.float32)
+
+    def categorical(labels: np.ndarray, c: Calls) -> pd.Categorical:
+        return pd.Categorical(labels.astype(str), categories=c.classes + ([UNASSIGNED] if c.threshold is not None else []))
+
+    if calls is not None:
+        scored.obs["scbert_label"] = categorical(calls.labels, calls)
+        scored.obs["scbert_confidence"] = calls.confidence.astype(np.float32)
+        scored.obsm["scbert_probabilities"] = calls.probabilities.astype(np.float32)
+    if classifier is not None and classifier is not calls:
+        scored.obs["scbert_classifier_label"] = categorical(classifier.labels, classifier)
+        scored.obsm["scbert_classifier_probabilities"] = classifier.probabilities.astype(np.float32)
+    if voting is not None:
+        clusters = voting.clusters.astype(str)
+        scored.obs["scbert_over_clustering"] = pd.Categorical(
+            clusters, categories=sorted(set(clusters), key=lambda c: (len(c), c)))
+        scored.obs["scbert_majority_voting"] = categorical(voting.labels, calls)
+    scored.obsm["X_scbert_encoder"] = embedded.encoder.astype(np.float32)
+    if embedded.head is not None:
+        scored.obsm["X_scbert"] = embedded.head.astype(np.float32)
     if coordinates is not None:
         scored.obsm["X_scbert_umap"] = coordinates.astype(np.float32)
     scored.strings_to_categoricals()  # what writing would do anyway, without anndata's message
-    scored.uns["scbert_classes"] = np.asarray(classes, dtype=object)
+    if calls is not None:
+        scored.uns["scbert_classes"] = np.asarray(calls.classes, dtype=object)
+    if classifier is not None and classifier is not calls:
+        scored.uns["scbert_classifier_classes"] = np.asarray(classifier.classes, dtype=object)
+    threshold = calls.threshold if calls is not None else None
     scored.uns["scbert"] = {"model_path": str(model_path), "scored_cells": cells.scope,
-                            "unassign_thres": -1.0 if annotation.threshold is None else float(annotation.threshold),
+                            "mode": "embedding" if calls is None else calls.method,
+                            "checkpoint_hash": weights_hash, "encoder_pooling": annotation.POOLING,
+                            "unassign_thres": -1.0 if threshold is None else float(threshold),
                             "panel_genes_found": int(cells.overlap["found"]), "panel_genes": int(cells.overlap["total"])}
     return scored
 
 
-def write_results(out_dir: Path, scored: Any, annotation: Annotation, classes: list[str], truth: np.ndarray | None,
-                  label_key: str, metrics: dict[str, Any], baseline_labels: np.ndarray | None,
-                  importance: pd.DataFrame | None, coordinates: np.ndarray | None) -> list[Path]:
+def write_results(out_dir: Path, scored: Any, calls: Calls | None, classifier: Calls | None, voting: Voting | None,
+                  truth: np.ndarray | None, label_key: str, metrics: dict[str, Any],
+                  baseline_labels: np.ndarray | None, importance: pd.DataFrame | None,
+                  coordinates: np.ndarray | None, overlap: pd.DataFrame) -> list[Path]:
     """Every output file at once (all or none), removing our earlier outputs this run does not make."""
-    labels = annotation.labels
-    table = pd.DataFrame({"cell_id": scored.obs_names.astype(str), "scbert_label": labels.astype(str),
-                          "scbert_confidence": annotation.confidence})
-    for j, name in enumerate(classes):
-        table[f"prob_{name}"] = annotation.probabilities[:, j]
-    if truth is not None:
-        table["true_label"] = truth
-    if baseline_labels is not None:
-        table["baseline_label"] = baseline_labels
     writers = {
         "predictions.h5ad": lambda path: scored.write_h5ad(path),
-        "predictions.csv": lambda path: table.to_csv(path, index=False),
         "metrics.json": lambda path: report_utils.write_json(metrics, path),
+        "gene_overlap.csv": lambda path: overlap.to_csv(path, index=False),
     }
     labelled = None if truth is None else np.array([t is not None for t in truth], dtype=bool)
-    if labelled is not None and labelled.any():
-        writers["confusion_matrix.png"] = lambda path: report_utils.plot_confusion_matrix(
-            truth[labelled], labels[labelled], classes, path, title=f"scBERT on {len(labels)} cells")
+    if calls is not None:
+        table = pd.DataFrame({"cell_id": scored.obs_names.astype(str), "scbert_label": calls.labels.astype(str),
+                              "scbert_confidence": calls.confidence})
+        for j, name in enumerate(calls.classes):
+            table[f"prob_{name}"] = calls.probabilities[:, j]
+        if classifier is not None and classifier is not calls:
+            table["scbert_classifier_label"] = classifier.labels.astype(str)
+        if voting is not None:
+            table["scbert_over_clustering"] = voting.clusters.astype(str)
+            table["scbert_majority_voting"] = voting.labels.astype(str)
+        if truth is not None:
+            table["true_label"] = truth
+        if baseline_labels is not None:
+            table["baseline_label"] = baseline_labels
+        writers["predictions.csv"] = lambda path: table.to_csv(path, index=False)
+        if labelled is not None and labelled.any():
+            writers["confusion_matrix.png"] = lambda path: report_utils.plot_confusion_matrix(
+                truth[labelled], calls.labels[labelled], calls.classes, path,
+                title=f"scBERT ({calls.method}) on {len(calls.labels)} cells")
     if coordinates is not None:
-        colourings = {"scbert_label": labels}
+        colourings: dict[str, np.ndarray] = {}
+        if calls is not None:
+            colourings["scbert_label"] = calls.labels
+        if voting is not None:
+            colourings["scbert_majority_voting"] = voting.labels
         if labelled is not None and labelled.any():
             colourings[f"true ({label_key})"] = np.where(labelled, truth, "unlabelled")
-        writers["umap.png"] = lambda path: report_utils.plot_umap(coordinates, colourings, path, order=classes)
+        if not colourings:
+            colourings["cells"] = np.full(len(coordinates), "cell", dtype=object)
+        order = calls.classes if calls is not None else ()
+        writers["umap.png"] = lambda path: report_utils.plot_umap(coordinates, colourings, path, order=order)
     if importance is not None:
         writers["gene_importance.csv"] = lambda path: importance.to_csv(path, index=False)
     return report_utils.write_outputs(out_dir, writers, stale=OUTPUT_FILES)
@@ -324,11 +505,11 @@ def fmt(value: float | None) -> str:
 
 
 def check_flags(novel_type: bool, unassign_thres: float, batch_size: int | None, top_genes: int,
-                importance_cells: int) -> None:
+                importance_cells: int, knn_k: int) -> None:
     if novel_type and not 0.0 < unassign_thres <= 1.0:
         raise utils.InputError(f"--unassign_thres {unassign_thres} is not a probability in (0, 1]; use e.g. 0.5")
-    if (batch_size is not None and batch_size < 1) or top_genes < 1 or importance_cells < 1:
-        raise utils.InputError("--batch_size, --top_genes and --importance_cells must be positive")
+    if (batch_size is not None and batch_size < 1) or top_genes < 1 or importance_cells < 1 or knn_k < 1:
+        raise utils.InputError("--batch_size, --top_genes, --importance_cells and --knn_k must be positive")
 
 
 def check_baseline_inputs(truth_all: np.ndarray | None, same_data: bool, label_key: str) -> None:
@@ -340,10 +521,23 @@ def check_baseline_inputs(truth_all: np.ndarray | None, same_data: bool, label_k
                                "was fine-tuned on; evaluate that data (omit --data_path), or drop --baseline")
 
 
+def check_modes(loaded: Loaded, reference: str | None, majority_voting: bool, baseline: bool, model_path: str) -> None:
+    if loaded.classes is not None or reference is not None:
+        return
+    if majority_voting:
+        raise utils.InputError(f"--majority_voting votes over cell-type calls, and {model_path} has no classifier "
+                               f"head to make them; pass --reference with labelled cells (kNN label transfer), or "
+                               f"a fine-tuned checkpoint")
+    if baseline:
+        raise utils.InputError(f"--baseline is compared with a classifier, and {model_path} has none; fine-tune it "
+                               f"first (python finetune.py --model_path {model_path}) or drop --baseline")
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     out_dir = utils.check_writable_dir(args.output_dir, "--output_dir", create=False)
-    check_flags(args.novel_type, args.unassign_thres, args.batch_size, args.top_genes, args.importance_cells)
+    check_flags(args.novel_type, args.unassign_thres, args.batch_size, args.top_genes, args.importance_cells,
+                args.knn_k)
     ctx = utils.setup_distributed(args.device)
     if ctx.distributed:
         raise utils.InputError("evaluate.py runs in one process; start it with python, not torchrun")
@@ -352,28 +546,57 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     utils.seed_everything(args.seed)
 
-    # load, align
+    # load, align, check the reference
+    gene_map = utils.read_gene_map(args.gene_map)
     loaded = load_model(args.model_path, args.label_names, args.gene_panel, ctx.device)
+    check_modes(loaded, args.reference, args.majority_voting, args.baseline, args.model_path)
     config = loaded.model.config
     precision = utils.Precision(utils.resolve_amp(args.amp, ctx.device), ctx.device)
-    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells,
+    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells, gene_map,
                         utils.SomaOptions(args.soma_measurement, args.soma_layer, args.obs_filter))
-    logger.info(f"model: {args.model_path} ({len(loaded.classes)} cell types, {config.gene_num} genes, dim "
-                f"{config.dim}, depth {config.depth}); scoring {len(cells.rows)} cells: {cells.scope}; precision "
-                f"{precision.mode} on {ctx.device.type}")
+    head = f"{len(loaded.classes)} cell types" if loaded.classes is not None else "no classifier head"
+    logger.info(f"model: {args.model_path} ({head}, {config.gene_num} genes, dim {config.dim}, depth "
+                f"{config.depth}); scoring {len(cells.rows)} cells: {cells.scope}; precision {precision.mode} on "
+                f"{ctx.device.type}")
     note_sparse_cells(cells, loaded.panel)
     label_key = args.label_key or loaded.ckpt.get("label_key") or "celltype"
     truth_all = true_labels(cells.adata, label_key, explicit=args.label_key is not None or args.baseline)
     if args.baseline:
         check_baseline_inputs(truth_all, cells.same_data, label_key)
         utils.require_in_memory(cells.aligned, "--baseline (it trains on the cells' whole expression matrix)")
+    if args.majority_voting and args.over_clustering == "expression":
+        utils.require_in_memory(cells.aligned, "--majority_voting over the cells' expression (the default "
+                                "--over_clustering expression)", "pass --over_clustering embedding")
+    reference = None
+    if args.reference is not None:
+        reference = read_reference(args.reference, args.reference_label_key, loaded, args.input_format, gene_map)
+        shared = len(np.intersect1d(reference.cell_names, utils.obs_names_of(cells.adata, cells.rows)))
+        if shared:
+            logger.info(f"note: {shared} of the {len(cells.rows)} scored cells share their names with reference cells; "
+                        f"if they are the same cells, each one's own label votes for it (scores are optimistic)")
 
-    # predict, score
+    # embed, call
+    threshold = args.unassign_thres if args.novel_type else None
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
-    annotation = annotate(loaded.model, dataset, loaded.classes, args.unassign_thres if args.novel_type else None,
-                          batch_size, ctx, precision, args.num_workers)
+    embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
+    classifier = classifier_calls(embedded.logits, loaded.classes, threshold) if loaded.classes is not None else None
+    calls = classifier
+    if reference is not None:
+        reference_embedding = reference.embedding
+        if reference_embedding is None:
+            reference_embedding = embed(loaded.model, reference.dataset, batch_size, ctx, precision, args.num_workers,
+                                        "reference cells").encoder
+        calls = knn_calls(reference, reference_embedding, embedded.encoder, args.knn_k, threshold, args.seed)
+    graph = None
+    if (args.umap or (args.majority_voting and args.over_clustering == "embedding")) and len(cells.rows) >= 5:
+        graph = report_utils.neighbour_graph(embedded.encoder, args.seed)
+    voting = vote(calls, cells, embedded.encoder, graph, args.over_clustering, args.seed) \
+        if args.majority_voting else None
+
+    # score
     truth = None if truth_all is None else truth_all[cells.rows]
-    metrics = score(annotation, truth, label_key, cells, loaded.classes, args.model_path, precision.mode)
+    metrics = score(calls, classifier, voting, truth, label_key, cells, loaded, args.model_path, precision.mode,
+                    embedded.seconds)
     baseline_labels = None
     if args.baseline:
         baseline_labels, metrics["baseline"] = run_baseline(cells.aligned, cells.input_format, truth_all,
@@ -384,12 +607,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("weighted_f1", "weighted F1")]))
 
     # report, write
-    importance, coordinates = explain(loaded.model, dataset, annotation, loaded.classes, loaded.panel, precision,
-                                      args.gene_importance, args.umap, args.top_genes, args.importance_cells,
-                                      batch_size, args.seed)
-    scored = annotated_data(cells, annotation, loaded.classes, coordinates, args.model_path)
-    written = write_results(out_dir, scored, annotation, loaded.classes, truth, label_key, metrics, baseline_labels,
-                            importance, coordinates)
+    importance, coordinates = explain(loaded.model, dataset, classifier, embedded.encoder, graph, loaded.panel,
+                                      precision, args.gene_importance, args.umap, args.top_genes,
+                                      args.importance_cells, batch_size, args.seed)
+    scored = annotated_data(cells, embedded, calls, classifier, voting, coordinates, args.model_path,
+                            loaded.weights_hash)
+    written = write_results(out_dir, scored, calls, classifier, voting, truth, label_key, metrics, baseline_labels,
+                            importance, coordinates, utils.overlap_table(cells.aligned))
     logger.info(f"wrote {', '.join(p.name for p in written)} to {out_dir} ({time.time() - started:.0f} s in all)")
     return metrics
 
@@ -397,8 +621,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("model and data")
-    data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned checkpoint (default "
-                      "ckpts/finetune_best.pth)")
+    data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned or pretrained "
+                      "checkpoint (default ckpts/finetune_best.pth); a pretrained one embeds, and with --reference "
+                      "labels, the cells")
     data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: the data the "
                       "checkpoint was fine-tuned on")
     utils.add_source_flags(data)
@@ -411,9 +636,25 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--input_format", default="auto", choices=["auto", "counts", "log1p"])
     data.add_argument("--all_cells", action="store_true", help="on the fine-tuning data, score every cell "
                       "instead of the held-out test cells (training cells make the scores optimistic)")
+    utils.add_gene_map_flag(data)
+    ref = p.add_argument_group("label transfer and majority voting")
+    ref.add_argument("--reference", default=None, help="labelled cells to transfer labels from (any data file, or "
+                     "a predictions.h5ad this checkpoint wrote, whose embedding is reused): each cell takes a "
+                     "distance-weighted vote of its --knn_k nearest reference cells (cosine, encoder embedding)")
+    ref.add_argument("--reference_label_key", default="celltype", help="obs column of the reference with its cell "
+                     "types (default celltype)")
+    ref.add_argument("--knn_k", type=int, default=15, help="reference cells that vote for each cell (default 15)")
+    ref.add_argument("--majority_voting", action="store_true", help="over-cluster the cells (Leiden, see "
+                     "--over_clustering) and give each cluster its commonest call: obs['scbert_majority_voting']")
+    ref.add_argument("--over_clustering", choices=annotation.OVER_CLUSTERINGS, default="expression",
+                     help="what --majority_voting over-clusters: the cells' own expression (default, as CellTypist: "
+                     "log-normalised, 2,000 most variable genes, scaled, 50 PCs, 10 neighbours) or the encoder "
+                     "embedding's 15-neighbour cosine graph")
     pred = p.add_argument_group("predictions")
     pred.add_argument("--novel_type", action="store_true",
-                      help="call cells whose top probability is below --unassign_thres 'Unassigned'")
+                      help="call cells whose top probability (kNN: vote share) is below --unassign_thres "
+                           "'Unassigned'; with --reference also cells farther from it than its own cells' k-th "
+                           "neighbours are at the 99th percentile")
     pred.add_argument("--unassign_thres", type=float, default=0.5,
                       help="confidence threshold for --novel_type (default 0.5)")
     pred.add_argument("--baseline", action="store_true", help="also train and score an L1-regularised logistic "
@@ -421,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--umap", action=argparse.BooleanOptionalAction, default=True,
                       help="UMAP plot of the cell embeddings (umap.png)")
     pred.add_argument("--gene_importance", action=argparse.BooleanOptionalAction, default=True,
-                      help="top genes per predicted cell type (gene_importance.csv)")
+                      help="top genes per type the classifier predicts (gene_importance.csv; needs a classifier head)")
     pred.add_argument("--top_genes", type=int, default=50, help="genes listed per cell type (default 50)")
     pred.add_argument("--importance_cells", type=int, default=200,
                       help="at most this many cells per predicted type enter gene importance (default 200)")

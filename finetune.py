@@ -51,7 +51,7 @@ def starting_checkpoint(model_path: str | None, from_scratch: bool) -> tuple[dic
 
 
 def choose_panel(start: dict | None, start_path: Path | None, gene_panel: str | None, adata, gene_num: int | None,
-                 input_format: str) -> list[str]:
+                 input_format: str, gene_map: utils.GeneMap | None = None) -> list[str]:
     """The pretrained checkpoint's panel (or the --gene_panel file, which must fit it); from scratch
     the file, else the data's genes."""
     if start is not None:
@@ -69,7 +69,7 @@ def choose_panel(start: dict | None, start_path: Path | None, gene_panel: str | 
         return list(panel)
     if gene_panel:
         return utils.load_gene_panel(gene_panel)
-    return utils.dataset_panel(adata, gene_num, input_format)
+    return utils.dataset_panel(adata, gene_num, input_format, gene_map)
 
 
 @dataclass(frozen=True)
@@ -321,8 +321,9 @@ def main(args: argparse.Namespace) -> Path:
     input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
     splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed)
-    panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format)
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    gene_map = utils.read_gene_map(args.gene_map)
+    panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "
                 f"{found['total']} panel genes found ({input_format} input)")
@@ -349,7 +350,8 @@ def main(args: argparse.Namespace) -> Path:
                            "pretrained_from": str(start_path) if start_path else None},
         run_args=utils.to_plain(vars(args)))
 
-    with utils.guarded_run(ckpt_dir, ctx) as signals:
+    with utils.guarded_run(ckpt_dir, ctx) as signals:  # the folder is this run's from here
+        utils.write_gene_overlap(aligned, ckpt_dir, ctx)
         if len(splits) == 1:
             result = train_split(splits[0], ckpt_dir, cells, tuning, ctx, signals)
         else:
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(required with a checkpoint that carries no panel, e.g. panglao_pretrain.pth)")
     data.add_argument("--gene_num", type=int, default=None, help="from scratch without --gene_panel: "
                       "keep this many highly variable genes (default: all genes)")
+    utils.add_gene_map_flag(data)
     data.add_argument("--bin_num", type=int, default=5, help="expression bins, from scratch only")
     data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction")
     data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest")

@@ -109,13 +109,13 @@ def evaluate_masked(model, dataset, masking: Masking, seed: int, batch_size: int
 
 
 def pretraining_panel(resume: dict[str, Any] | None, gene_panel: str | None, adata, gene_num: int | None,
-                      input_format: str) -> list[str]:
+                      input_format: str, gene_map: utils.GeneMap | None = None) -> list[str]:
     """The checkpoint's panel on resume, else the --gene_panel file, else the data's genes."""
     if resume is not None:
         return list(resume["gene_panel"])
     if gene_panel:
         return utils.load_gene_panel(gene_panel)
-    return utils.dataset_panel(adata, gene_num, input_format)
+    return utils.dataset_panel(adata, gene_num, input_format, gene_map)
 
 
 def pretraining_model(resume: dict[str, Any] | None, resume_path: Path, preset: str, panel: list[str],
@@ -154,8 +154,9 @@ def main(args: argparse.Namespace) -> Path:
     run_args = utils.to_plain(vars(args))
     resume = utils.resume_point(ckpt_path, fingerprint, args.data_path, args.resume, run_args)
     seed = int(resume["args"]["seed"]) if resume is not None else args.seed  # a resumed run keeps its seed
-    panel = pretraining_panel(resume, args.gene_panel, adata, args.gene_num, input_format)
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    gene_map = utils.read_gene_map(args.gene_map)
+    panel = pretraining_panel(resume, args.gene_panel, adata, args.gene_num, input_format, gene_map)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
     logger.info(f"data: {aligned.n_obs} cells, {len(panel)} panel genes ({input_format} input)")
     cells = utils.filter_cells_min_genes(aligned, args.min_genes, drop=True) if args.min_genes > 0 \
         else np.arange(aligned.n_obs)
@@ -172,6 +173,7 @@ def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.
     """Builds the model and trains it, writing the checkpoints, metrics and plot into --ckpt_dir."""
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_path = ckpt_dir / "pretrain.pth"
+    utils.write_gene_overlap(aligned, ckpt_dir, ctx)
 
     # model, split, optimiser
     gene2vec = functools.partial(utils.gene2vec_table, args.gene2vec_path, aligned, panel, seed=seed,
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--gene_panel", default=None, help="text file, one gene per line, in model order")
     data.add_argument("--gene_num", type=int, default=None,
                       help="without --gene_panel: keep this many highly variable genes (default: all genes)")
+    utils.add_gene_map_flag(data)
     data.add_argument("--bin_num", type=int, default=5, help="expression bins (tokens 0..bin_num)")
     data.add_argument("--min_genes", type=int, default=200,
                       help="drop cells with fewer expressed panel genes, as published (0 keeps all)")

@@ -300,17 +300,28 @@ def plot_confusion_matrix(y_true: Sequence[str], y_pred: Sequence[str], classes:
     plt.close(fig)
 
 
-def umap_coordinates(embedding: np.ndarray, seed: int = 2021) -> np.ndarray | None:
-    """scanpy's kNN graph + UMAP of the cell embeddings; None when there are too few cells."""
+def neighbour_graph(embedding: np.ndarray, seed: int = 2021, n_neighbors: int = 15, metric: str = "cosine") -> Any:
+    """scanpy's kNN graph of the cells of an embedding (at least 2 cells), in an AnnData that holds
+    nothing else: UMAP and the over-clustering of --majority_voting are computed on it."""
     import anndata as ad
     import scanpy as sc
 
     n = embedding.shape[0]
-    if n < 5:
-        return None
     holder = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]))
-    holder.obsm["X_scbert"] = np.asarray(embedding, dtype=np.float32)
-    sc.pp.neighbors(holder, use_rep="X_scbert", n_neighbors=min(15, n - 1), random_state=seed)
+    holder.obsm["X_embedding"] = np.asarray(embedding, dtype=np.float32)
+    sc.pp.neighbors(holder, use_rep="X_embedding", n_neighbors=min(n_neighbors, n - 1), metric=metric,
+                    random_state=seed)
+    return holder
+
+
+def umap_coordinates(embedding: np.ndarray, seed: int = 2021, graph: Any = None) -> np.ndarray | None:
+    """UMAP of the cell embeddings on their neighbour_graph (or on `graph`, that graph already
+    built); None when there are too few cells."""
+    import scanpy as sc
+
+    if embedding.shape[0] < 5:
+        return None
+    holder = graph if graph is not None else neighbour_graph(embedding, seed)
     sc.tl.umap(holder, random_state=seed)
     return np.asarray(holder.obsm["X_umap"])
 

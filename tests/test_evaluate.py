@@ -209,7 +209,8 @@ def test_unlabelled_data_is_annotated_whole(tmp_path, finetuned, default_data):
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == 40 and "true_label" not in table.columns  # other data: every cell, no split
     assert metrics["accuracy"] is None and metrics["label_key"] is None
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.csv", "predictions.h5ad"]
+    assert sorted(p.name for p in out.iterdir()) == ["gene_overlap.csv", "metrics.json", "predictions.csv",
+                                                     "predictions.h5ad"]
 
 
 def test_novel_types_go_to_unassigned_and_are_counted(tmp_path, finetuned, default_data):
@@ -330,16 +331,26 @@ def test_cli_unwritable_output_dir(tmp_path, finetuned):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_cli_pretraining_checkpoint(tmp_path):
-    model = PerformerLM(get_config("tiny", gene_num=50))
+def test_cli_pretraining_checkpoint_embeds_and_labels_nothing(tmp_path, default_data):
+    """Replaces the test that a pretrained checkpoint is refused (issue 19): it now embeds the cells."""
+    genes = list(default_data.var_names)
+    model = PerformerLM(get_config("tiny", gene_num=len(genes), pos_embed="none"))
     mlm = tmp_path / "pretrain.pth"
-    train_utils.save_checkpoint(mlm, {**train_utils.model_checkpoint_fields(model),
-                                      "gene_panel": [f"G{i}" for i in range(50)]})
-    result = _cli("--model_path", str(mlm), "--output_dir", str(tmp_path / "out"))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "fine-tune it first" in last
-    assert not (tmp_path / "out").exists()
+    train_utils.save_checkpoint(mlm, {**train_utils.model_checkpoint_fields(model), "gene_panel": genes})
+    data = small_copy(default_data, 30, tmp_path / "cells.h5ad")
+    result = _cli("--model_path", str(mlm), "--data_path", str(data), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gene_overlap.csv", "metrics.json",
+                                                                    "predictions.h5ad", "umap.png"]
+    import anndata
+
+    pred = anndata.read_h5ad(tmp_path / "out" / "predictions.h5ad")
+    assert pred.obsm["X_scbert_encoder"].shape == (30, model.config.dim)
+    assert np.isfinite(pred.obsm["X_scbert_encoder"]).all() and pred.obsm["X_scbert_umap"].shape == (30, 2)
+    assert not {"scbert_label", "scbert_confidence"} & set(pred.obs.columns)
+    assert "scbert_probabilities" not in pred.obsm and "X_scbert" not in pred.obsm
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mode"] == "embedding" and metrics["accuracy"] is None and metrics["classes"] == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_torchrun_two_ranks_agree_and_write_one_set_of_files(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == sorted(["pretrain.pth", "pretrain_metrics.csv", "pretrain_loss.png", "gene2vec_16.npy",
                             "gene2vec_16.txt", "finetune_best.pth", "finetune_last.pth",
-                            "finetune_metrics.csv", "finetune_loss.png"])
+                            "finetune_metrics.csv", "finetune_loss.png", "gene_overlap.csv"])
     assert (tmp_path / "pretrain_metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
