@@ -542,6 +542,8 @@ class AlignedCells:
             "(%d evenly spaced cells); the missing ones get token 0", min(n_found), max(n_found), len(self.panel),
             source.path, ", ".join(matched), 100 * self.count_share.sum(), min(_ROW_SAMPLE, source.n_obs))
         self._canonical = [self._rows_canonical(k) for k in range(len(source.shards))]
+        self._identity = [m.total == s.n_vars and np.array_equal(m.col_to_panel, np.arange(m.total))
+                          for m, s in zip(self.maps, source.shards)]
 
     def _count_share(self) -> np.ndarray:
         """Each panel gene's share of the data's counts (on the expression scale for log1p data), as
@@ -595,10 +597,29 @@ class AlignedCells:
         datas, cols, lengths = [], [], []
         for k, _, local in self.source.locate(rows):
             shard = self.source.shards[k]
-            X = sp.csr_matrix(shard.read(local), shape=(len(local), shard.n_vars))
+            data, indices, indptr = shard.read(local)
+            pmap = self.maps[k]
+            if self._canonical[k] and not pmap.has_duplicates:
+                # each stored value goes to at most one panel gene: renumber the columns, drop the
+                # unmapped ones (the common case, without the general path's per-value row numbers)
+                if self._identity[k]:  # the shard's genes are the panel, in panel order
+                    datas.append(np.asarray(data, dtype=np.float32))
+                    cols.append(np.asarray(indices, dtype=np.int32))
+                    lengths.append(np.diff(indptr))
+                    continue
+                panel_cols = pmap.col_to_panel[indices]
+                keep = panel_cols >= 0
+                if not keep.all():
+                    kept_before = np.concatenate(([0], np.cumsum(keep)))
+                    data, panel_cols, indptr = data[keep], panel_cols[keep], kept_before[indptr]
+                datas.append(np.asarray(data, dtype=np.float32))
+                cols.append(panel_cols.astype(np.int32))
+                lengths.append(np.diff(indptr))
+                continue
+            X = sp.csr_matrix((data, indices, indptr), shape=(len(local), shard.n_vars))
             if not self._canonical[k]:
                 X.sum_duplicates()
-            X = self.maps[k].apply(X, self.input_format)
+            X = pmap.apply(X, self.input_format)
             datas.append(X.data)
             cols.append(X.indices)
             lengths.append(np.diff(X.indptr))
@@ -731,6 +752,13 @@ class _TokenRows:
     def dense(self, seq_len: int) -> SparseTokens:
         positions = np.repeat(np.arange(self.n, dtype=np.int64) * seq_len, np.diff(self.indptr)) + self.cols
         return SparseTokens(self.n, seq_len, positions, self.tokens)
+
+    def dense_rows(self, order: np.ndarray, seq_len: int) -> SparseTokens:
+        """The given rows, in that order, as one batch (take + dense without the intermediate copy)."""
+        starts, stops = self.indptr[order], self.indptr[order + 1]
+        pick = _ranges_to_index(starts, stops)
+        positions = np.repeat(np.arange(len(order), dtype=np.int64) * seq_len, stops - starts) + self.cols[pick]
+        return SparseTokens(len(order), seq_len, positions, self.tokens[pick])
 
 
 class StreamedTokens(torch.utils.data.Dataset):
@@ -883,15 +911,27 @@ class BlockLoader:
         if position >= len(items):
             return
         f = int(np.searchsorted(bounds, position, side="right")) - 1
-        held, held_from = _TokenRows(np.zeros(0, np.uint8), np.zeros(0, np.int32), np.zeros(1, np.int64)), position
+        # held: token rows read so far (each fetch in row order); at[i]: the held row of item position + i
+        held = _TokenRows(np.zeros(0, np.uint8), np.zeros(0, np.int32), np.zeros(1, np.int64))
+        at = np.zeros(0, np.int64)
         while position < len(items):
             stop = min(position + b, len(items))
-            while held_from + held.n < stop:  # read the next fetch
-                a, z = max(int(bounds[f]), held_from + held.n), int(bounds[f + 1])
+            while position + len(at) < stop:  # read the next fetch (its rows sorted, each once)
+                a, z = max(int(bounds[f]), position + len(at)), int(bounds[f + 1])
                 rows = ds.indices[items[a:z]]
-                held = _TokenRows.join(held, ds.token_rows(rows))
+                uniq, inverse = np.unique(rows, return_inverse=True)
+                fetched = ds.token_rows(uniq)
+                if len(at):  # a batch spans two fetches: keep only the rows still wanted of the last
+                    leftover = held.take(at)
+                    held, at = _TokenRows.join(leftover, fetched), np.concatenate((np.arange(len(at)), len(at) + inverse))
+                else:
+                    held, at = fetched, inverse.astype(np.int64)
                 f += 1
-            chunk = held.slice(position - held_from, stop - held_from)
-            yield ds.collate(ds.indices[items[position:stop]], chunk)
-            held, held_from = held.slice(stop - held_from, held.n), stop
+            batch_rows = ds.indices[items[position:stop]]
+            tokens = held.dense_rows(at[:stop - position], ds.seq_len).dense()
+            batch = {"tokens": tokens, "index": torch.from_numpy(np.array(batch_rows, np.int64))}
+            if ds.labels is not None:
+                batch["label"] = torch.from_numpy(ds.labels[batch_rows])
+            yield batch
+            at = at[stop - position:]
             position = stop

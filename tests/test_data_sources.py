@@ -341,3 +341,25 @@ def test_torchrun_two_ranks_pretrain_from_a_streamed_source(tmp_path, small_sour
     assert steps and steps[-1].split()[3].split("/")[0] == steps[-1].split()[3].split("/")[1]
     model, _ = utils.load_checkpoint(out / "pretrain.pth")
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def test_a_gene_map_renames_every_shard_and_the_overlap_table_matches_the_in_memory_one(tmp_path):
+    adata = count_cells()
+    write_shards(adata, tmp_path / "shards")
+    # two dataset genes onto one panel gene (summed), one renamed
+    (tmp_path / "map.tsv").write_text("GENE1\tGENE0\nGENE7\tRENAMED7\n")
+    mapping = utils.read_gene_map(str(tmp_path / "map.tsv"))
+    panel = utils.data_genes(adata, mapping)
+    assert "RENAMED7" in panel and "GENE1" not in panel
+    source = utils.open_cells(tmp_path / "shards")
+    assert utils.data_genes(source, mapping) == panel
+    in_memory = data_utils.align_to_panel(adata, panel, input_format="counts", gene_map=mapping)
+    streamed = utils.align_to_panel(source, panel, input_format="counts", gene_map=mapping)
+    assert np.array_equal(streamed.token_dataset(5).tokens_of_rows(np.arange(adata.n_obs)),
+                          utils.tokenize(in_memory, 5, "counts"))
+    expected, got = data_utils.gene_overlap_table(in_memory), utils.overlap_table(streamed)
+    assert list(got.columns) == list(expected.columns)
+    for column in ("panel_gene", "found", "data_genes", "matched_on"):
+        assert list(got[column]) == list(expected[column]), column
+    # 240 cells: the sample for the count shares is every cell, so they are the in-memory ones
+    assert np.allclose(got["count_share"], expected["count_share"], rtol=1e-9, atol=0)
