@@ -296,15 +296,18 @@ class _SomaShard(_Shard):
         joinids = self.joinids[rows]
         if len(joinids) == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
-        contiguous = joinids[-1] - joinids[0] == len(joinids) - 1
-        coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else joinids  # SOMA slices include the end
         X = self._ms().X[self.layer]
-        table = X.read(coords=(coords,), result_order="row-major").tables().concat()
+        # one read: a slice for consecutive cells (SOMA slices include their end), else the cells as
+        # points (one query per run of cells costs more than points here). Result order "auto" (the
+        # stored order) is ~10x faster than asking for row-major; the rows are put in order below.
+        contiguous = joinids[-1] - joinids[0] == len(joinids) - 1
+        coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else joinids
+        table = X.read(coords=(coords,), result_order="auto").tables().concat()
         dim0 = table.column("soma_dim_0").to_numpy()
         cols = self._column_of[table.column("soma_dim_1").to_numpy()].astype(np.int32)
         data = table.column("soma_data").to_numpy()
-        local = dim0 - joinids[0] if contiguous else np.searchsorted(joinids, dim0)
-        if len(local) > 1 and bool((np.diff(local) < 0).any()):  # not row-major after all: sort it
+        local = np.searchsorted(joinids, dim0)
+        if len(local) > 1 and bool((np.diff(local) < 0).any()):
             order = np.argsort(local, kind="stable")
             local, cols, data = local[order], cols[order], data[order]
         indptr = np.concatenate(([0], np.cumsum(np.bincount(local, minlength=len(joinids))))).astype(np.int64)
