@@ -85,6 +85,14 @@ def train_run(cmd: list[str], checkpoint: Path) -> None:
     finished.touch()
 
 
+def seed_finished(folder: Path) -> bool:
+    """Whether every run of one dataset and seed is there (both trainings and every evaluate.py run)."""
+    runs = ["reference_pretrained", "knn_pretrained", "reference_finetuned", "knn_finetuned", "classifier"]
+    return all((folder / part / "finished").is_file() for part in ("pretrain", "finetune")) and \
+        all((folder / "eval" / run / "metrics.json").is_file() for run in runs) and \
+        all((folder / f"pooling_{tag}.json").is_file() for tag in ("pretrained", "finetuned"))
+
+
 def evaluate_run(model: Path, data: Path | None, out: Path, label_key: str, extra: list[str], threads: int,
                  force: bool) -> dict:
     metrics = out / "metrics.json"
@@ -184,6 +192,8 @@ def main() -> None:
     p.add_argument("--finetune_args", default="", help="extra finetune.py flags")
     p.add_argument("--scaling", default="100000,1000000", help="reference sizes of the kNN timing ('' skips it)")
     p.add_argument("--force", action="store_true", help="redo evaluate.py runs whose results exist")
+    p.add_argument("--cached_only", action="store_true", help="run nothing: the tables from the seeds whose runs "
+                   "are all finished (a seed still training is left out and the seed counts say so)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     started = time.time()
@@ -199,6 +209,9 @@ def main() -> None:
         for seed in seeds:
             folder = OUT / name / (f"p{args.pretrain_epochs}{slug(args.pretrain_args)}_f{args.finetune_epochs}"
                                    f"{slug(args.finetune_args)}") / f"seed_{seed}"
+            if args.cached_only and not seed_finished(folder):
+                print(f"{name} seed {seed}: not finished, left out (--cached_only)")
+                continue
             split = seed_split(adata, label_key, seed)
             files = write_subsets(adata, split, folder / "cells")
             pretrained = folder / "pretrain" / "pretrain.pth"
@@ -266,7 +279,9 @@ def main() -> None:
         f"not counted). `python benchmarks/annotation_modes.py --pretrain_epochs {args.pretrain_epochs} --finetune_epochs "
         f"{args.finetune_epochs} --seeds {args.seeds}"
         + (f" --pretrain_args '{args.pretrain_args}'" if args.pretrain_args else "")
-        + (f" --finetune_args '{args.finetune_args}'" if args.finetune_args else "") + "`.",
+        + (f" --finetune_args '{args.finetune_args}'" if args.finetune_args else "") + "`."
+        + (" Written with `--cached_only`: a seed whose runs had not all finished is left out (the seeds column "
+           "counts those in each row; `-` in the per-seed table)." if args.cached_only else ""),
         "",
         "| data | method | accuracy | macro-F1 | seeds | test cells |",
         "|---|---|---|---|---|---|",
