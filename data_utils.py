@@ -46,8 +46,9 @@ _LOG1P_MAX = 15.0
 # relative, so a CP10k of exactly 2**k - 1 may come back a hair below ln(2**k); 1e-6 absorbs that.
 _LOG1P_EDGE_RTOL = 1e-6
 _ROW_SAMPLE = 1000        # rows looked at by format detection
+FINGERPRINT_CELLS = 64    # evenly spaced cells whose values enter the data fingerprint
 _CHUNK_ROWS = 8192        # rows per block when walking a whole (possibly backed) matrix
-_NAME_COLUMNS = ("gene_ids", "gene_symbols", "gene_id", "gene_symbol", "feature_name", "ensembl_id")
+_NAME_COLUMNS = ("gene_ids", "gene_symbols", "gene_id", "gene_symbol", "feature_name", "feature_id", "ensembl_id")
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 
 
@@ -270,32 +271,7 @@ class _RowReader:
         return sp.csr_matrix(np.concatenate(parts, axis=0))
 
     def _read_sorted_arrays(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(rows) == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
-        run_start, run_stop = _runs(rows)
-        ptr = self._indptr
-        # merge runs separated by few stored values into spans read with one HDF5 call each
-        gap = ptr[run_start[1:]] - ptr[run_stop[:-1]]
-        cut = np.flatnonzero(gap > self._MERGE_GAP) + 1
-        span_start = run_start[np.concatenate(([0], cut))]
-        span_stop = run_stop[np.concatenate((cut - 1, [len(run_stop) - 1]))]
-        datas, idxs = [], []
-        row_span = np.searchsorted(span_stop, rows, side="right")  # span number of each wanted row
-        for s, (a, b) in enumerate(zip(span_start, span_stop)):
-            lo, hi = ptr[a], ptr[b]
-            d = self._data[lo:hi]
-            ix = self._indices[lo:hi]
-            want = rows[row_span == s]
-            if len(want) != b - a:  # keep only the wanted rows of the span
-                take = _ranges_to_index(ptr[want] - lo, ptr[want + 1] - lo)
-                d, ix = d[take], ix[take]
-            datas.append(d)
-            idxs.append(ix)
-        lengths = ptr[rows + 1] - ptr[rows]
-        indptr = np.concatenate(([0], np.cumsum(lengths)))
-        if len(datas) == 1:  # the streaming case: one span, no copy
-            return datas[0], idxs[0], indptr
-        return np.concatenate(datas), np.concatenate(idxs), indptr
+        return read_csr_rows(self._data, self._indices, self._indptr, rows, self._MERGE_GAP)
 
     def blocks(self, chunk: int = _CHUNK_ROWS) -> Iterable[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.shape[0], chunk):
@@ -311,9 +287,48 @@ class _RowReader:
             self._file = None
 
 
+def read_csr_rows(data, indices, indptr: np.ndarray, rows: np.ndarray,
+                  merge_gap: int = _RowReader._MERGE_GAP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of sorted distinct `rows` of a CSR matrix stored as three arrays that
+    slice like numpy (h5py datasets, zarr arrays; `indptr` in memory, int64). Runs of wanted rows
+    closer than merge_gap stored values are read as one span: one large read is far cheaper than
+    many small ones."""
+    if len(rows) == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
+    run_start, run_stop = _runs(rows)
+    ptr = indptr
+    # merge runs separated by few stored values into spans read with one call each
+    gap = ptr[run_start[1:]] - ptr[run_stop[:-1]]
+    cut = np.flatnonzero(gap > merge_gap) + 1
+    span_start = run_start[np.concatenate(([0], cut))]
+    span_stop = run_stop[np.concatenate((cut - 1, [len(run_stop) - 1]))]
+    datas, idxs = [], []
+    row_span = np.searchsorted(span_stop, rows, side="right")  # span number of each wanted row
+    for s, (a, b) in enumerate(zip(span_start, span_stop)):
+        lo, hi = ptr[a], ptr[b]
+        d = data[lo:hi]
+        ix = indices[lo:hi]
+        want = rows[row_span == s]
+        if len(want) != b - a:  # keep only the wanted rows of the span
+            take = _ranges_to_index(ptr[want] - lo, ptr[want + 1] - lo)
+            d, ix = d[take], ix[take]
+        datas.append(d)
+        idxs.append(ix)
+    lengths = ptr[rows + 1] - ptr[rows]
+    row_ptr = np.concatenate(([0], np.cumsum(lengths)))
+    if len(datas) == 1:  # the streaming case: one span, no copy
+        return datas[0], idxs[0], row_ptr
+    return np.concatenate(datas), np.concatenate(idxs), row_ptr
+
+
+def evenly_spaced_rows(n: int, most: int) -> np.ndarray:
+    """Up to `most` evenly spaced row numbers of n rows (all of them when n <= most): the cells that
+    format detection and the fingerprint look at."""
+    return np.arange(n) if n <= most else np.unique(np.linspace(0, n - 1, most).astype(np.int64))
+
+
 def _sample_rows(adata: ad.AnnData, max_rows: int = _ROW_SAMPLE) -> sp.csr_matrix:
-    n = adata.n_obs
-    rows = np.arange(n) if n <= max_rows else np.unique(np.linspace(0, n - 1, max_rows).astype(np.int64))
+    rows = evenly_spaced_rows(adata.n_obs, max_rows)
     reader = _RowReader(adata)
     try:
         return reader.read(rows)
@@ -335,7 +350,13 @@ def detect_input_format(adata: ad.AnnData, override: str = "auto") -> str:
     """
     if override not in ("auto",) + INPUT_FORMATS:
         raise InputError(f"input format {override!r} is not known; use auto, counts or log1p")
-    sample = _sample_rows(adata)
+    recorded = adata.uns.get("scbert_input_format") if adata.uns is not None else None
+    return format_of_sample(_sample_rows(adata), override, recorded)
+
+
+def format_of_sample(sample: sp.csr_matrix, override: str = "auto", recorded: str | None = None) -> str:
+    """detect_input_format's judgement on a CSR sample of cells (`recorded`: a format the data says it
+    was aligned as, trusted under "auto")."""
     vals = np.asarray(sample.data, dtype=np.float64)
     n_rows = sample.shape[0]
     if not np.all(np.isfinite(vals)):
@@ -346,7 +367,6 @@ def detect_input_format(adata: ad.AnnData, override: str = "auto") -> str:
                          "scaled/centred data; supply raw counts or ln(1+CP10k) (e.g. adata.raw, or the counts layer)")
     if override != "auto":
         return override
-    recorded = adata.uns.get("scbert_input_format") if adata.uns is not None else None
     if recorded in INPUT_FORMATS:
         return str(recorded)
     vals = vals[vals != 0]
@@ -419,9 +439,11 @@ def panel_from_data(adata: ad.AnnData, gene_map: GeneMap | None = None) -> list[
 class _PanelMap:
     """Where each dataset column goes in the panel (-1: dropped), chosen over var_names and the
     usual gene-id/symbol columns by whichever matches the most panel genes, after renaming them by
-    the gene map (--gene_map), if one is given."""
+    the gene map (--gene_map), if one is given. `adata` may also be a var table alone (its index the
+    var_names), as a streamed source has it."""
 
-    def __init__(self, adata: ad.AnnData, panel: Sequence[str], gene_map: GeneMap | None = None):
+    def __init__(self, adata: ad.AnnData | pd.DataFrame, panel: Sequence[str], gene_map: GeneMap | None = None):
+        var = adata.var if isinstance(adata, ad.AnnData) else adata
         self.panel = [str(g) for g in panel]
         keys = [_gene_key(g) for g in self.panel] if gene_map is None else gene_map.panel_keys(self.panel)
         pos = {k: i for i, k in enumerate(keys)}
@@ -429,10 +451,10 @@ class _PanelMap:
             dup = pd.Series(keys)[pd.Series(keys).duplicated()].unique()
             raise InputError(f"the gene panel lists genes more than once (e.g. {', '.join(dup[:5])}); keep each "
                              "gene once")
-        candidates = [("var_names", np.asarray(adata.var_names, dtype=str))]
+        candidates = [("var_names", np.asarray(var.index, dtype=str))]
         for col in _NAME_COLUMNS:
-            if col in adata.var.columns:
-                candidates.append((f"var['{col}']", adata.var[col].astype(str).to_numpy()))
+            if col in var.columns:
+                candidates.append((f"var['{col}']", var[col].astype(str).to_numpy()))
         best = None
         for label, names in candidates:
             renamed = names if gene_map is None else gene_map.rename(names)
@@ -973,7 +995,12 @@ def read_labels(adata: ad.AnnData, label_key: str) -> np.ndarray | None:
     label (missing or blank); None for the whole if the data has no such column."""
     if label_key not in adata.obs.columns:
         return None
-    values = adata.obs[label_key].astype(object).to_numpy()
+    return label_strings(adata.obs[label_key])
+
+
+def label_strings(column) -> np.ndarray:
+    """An obs column's values as strings (object array), None where missing or blank."""
+    values = pd.Series(column).astype(object).to_numpy()
     strings = values.astype(str)
     missing = pd.isna(values) | (np.char.strip(strings) == "")
     labels = strings.astype(object)
@@ -1062,7 +1089,12 @@ def data_fingerprint(adata: ad.AnnData) -> str:
     h.update(f"{adata.n_obs}x{adata.n_vars}".encode())
     h.update("\x1f".join(map(str, adata.var_names)).encode())
     h.update("\x1f".join(map(str, adata.obs_names)).encode())
-    sample = _sample_rows(adata, 64).astype(np.float32)
+    return fingerprint_values(h, _sample_rows(adata, FINGERPRINT_CELLS))
+
+
+def fingerprint_values(h, sample: sp.csr_matrix) -> str:
+    """Finish a fingerprint's hash with the sampled cells' values (storage-independent) -> 32 hex chars."""
+    sample = sp.csr_matrix(sample).astype(np.float32)
     sample.sum_duplicates()
     sample.eliminate_zeros()
     sample.sort_indices()

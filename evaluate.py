@@ -148,14 +148,19 @@ class Cells(NamedTuple):
 
 
 def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], input_format: str,
-                all_cells: bool, gene_map: utils.GeneMap | None) -> Cells:
-    """Reads the data (default: the checkpoint's), picks the cells to score and aligns them to the panel."""
+                all_cells: bool, gene_map: utils.GeneMap | None, soma: utils.SomaOptions) -> Cells:
+    """Reads the data (default: the checkpoint's, with its SOMA options), picks the cells to score and
+    aligns them to the panel."""
     path = data_path if data_path is not None else ckpt.get("data_path")
-    if data_path is None and path is not None and not Path(path).exists():
-        raise utils.InputError(f"the checkpoint was trained on {path}, which does not exist here; "
-                               f"pass --data_path with the data to annotate")
+    if data_path is None and path is not None:
+        saved = ckpt.get("args") or {}
+        soma = utils.SomaOptions(saved.get("soma_measurement", soma.measurement), saved.get("soma_layer"),
+                                 saved.get("obs_filter"))
+        if not any(c in str(path) for c in "*?[") and "://" not in str(path) and not Path(path).exists():
+            raise utils.InputError(f"the checkpoint was trained on {path}, which does not exist here; "
+                                   f"pass --data_path with the data to annotate")
     name = path or f"the default data ({utils.DEFAULT_DATA_NAME})"
-    adata = utils.read_dataset(path)
+    adata = utils.open_cells(path, soma)
     input_format = utils.detect_input_format(adata, input_format)
     rows, same_data, scope = scored_cells(adata, ckpt, all_cells)
     if len(rows) == 0:
@@ -170,7 +175,7 @@ def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], i
 
 def note_sparse_cells(cells: Cells, panel: list[str]) -> None:
     if len(panel) >= 10000:  # the published >= 200 expressed genes rule was made for a 16,906-gene panel
-        low = int((utils.expressed_gene_counts(cells.aligned.X[cells.rows]) < 200).sum())
+        low = int((utils.expressed_genes_of(cells.aligned, cells.rows) < 200).sum())
         if low:
             logger.info(f"note: {low} of {len(cells.rows)} cells have fewer than 200 expressed panel genes (the "
                         f"published quality filter); they are annotated, but less reliably")
@@ -407,8 +412,9 @@ def explain(model: PerformerLM, dataset: utils.TokenDataset, classifier: Calls |
 def annotated_data(cells: Cells, embedded: Embedded, calls: Calls | None, classifier: Calls | None,
                    voting: Voting | None, coordinates: np.ndarray | None, model_path: str,
                    weights_hash: str) -> Any:
-    """predictions.h5ad: the scored cells with their embeddings and, where made, the calls."""
-    scored = cells.adata[cells.rows].copy()
+    """predictions.h5ad: the scored cells with their embeddings and, where made, the calls (of a
+    streamed source: its obs alone, no X)."""
+    scored = utils.cells_for_output(cells.adata, cells.rows)
 
     def categorical(labels: np.ndarray, c: Calls) -> pd.Categorical:
         return pd.Categorical(labels.astype(str), categories=c.classes + ([UNASSIGNED] if c.threshold is not None else []))
@@ -546,7 +552,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_modes(loaded, args.reference, args.majority_voting, args.baseline, args.model_path)
     config = loaded.model.config
     precision = utils.Precision(utils.resolve_amp(args.amp, ctx.device), ctx.device)
-    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells, gene_map)
+    cells = align_cells(args.data_path, loaded.ckpt, loaded.panel, args.input_format, args.all_cells, gene_map,
+                        utils.SomaOptions(args.soma_measurement, args.soma_layer, args.obs_filter))
     head = f"{len(loaded.classes)} cell types" if loaded.classes is not None else "no classifier head"
     logger.info(f"model: {args.model_path} ({head}, {config.gene_num} genes, dim {config.dim}, depth "
                 f"{config.depth}); scoring {len(cells.rows)} cells: {cells.scope}; precision {precision.mode} on "
@@ -556,17 +563,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth_all = true_labels(cells.adata, label_key, explicit=args.label_key is not None or args.baseline)
     if args.baseline:
         check_baseline_inputs(truth_all, cells.same_data, label_key)
+        utils.require_in_memory(cells.aligned, "--baseline (it trains on the cells' whole expression matrix)")
+    if args.majority_voting and args.over_clustering == "expression":
+        utils.require_in_memory(cells.aligned, "--majority_voting over the cells' expression (the default "
+                                "--over_clustering expression)", "pass --over_clustering embedding")
     reference = None
     if args.reference is not None:
         reference = read_reference(args.reference, args.reference_label_key, loaded, args.input_format, gene_map)
-        shared = len(np.intersect1d(reference.cell_names, np.asarray(cells.adata.obs_names[cells.rows], dtype=str)))
+        shared = len(np.intersect1d(reference.cell_names, utils.obs_names_of(cells.adata, cells.rows)))
         if shared:
             logger.info(f"note: {shared} of the {len(cells.rows)} scored cells share their names with reference cells; "
                         f"if they are the same cells, each one's own label votes for it (scores are optimistic)")
 
     # embed, call
     threshold = args.unassign_thres if args.novel_type else None
-    dataset = utils.TokenDataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
+    dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
     classifier = classifier_calls(embedded.logits, loaded.classes, threshold) if loaded.classes is not None else None
     calls = classifier
@@ -602,7 +613,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scored = annotated_data(cells, embedded, calls, classifier, voting, coordinates, args.model_path,
                             loaded.weights_hash)
     written = write_results(out_dir, scored, calls, classifier, voting, truth, label_key, metrics, baseline_labels,
-                            importance, coordinates, utils.gene_overlap_table(cells.aligned))
+                            importance, coordinates, utils.overlap_table(cells.aligned))
     logger.info(f"wrote {', '.join(p.name for p in written)} to {out_dir} ({time.time() - started:.0f} s in all)")
     return metrics
 
@@ -613,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned or pretrained "
                       "checkpoint (default ckpts/finetune_best.pth); a pretrained one embeds, and with --reference "
                       "labels, the cells")
-    data.add_argument("--data_path", default=None, help="cells x genes file (.h5ad, 10x .h5 or mtx folder, "
-                      ".csv/.tsv, .loom); default: the data the checkpoint was fine-tuned on")
+    data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: the data the "
+                      "checkpoint was fine-tuned on")
+    utils.add_source_flags(data)
     data.add_argument("--label_key", default=None, help="obs column with true cell types, to score against "
                       "(optional; default: the checkpoint's label column, else 'celltype')")
     data.add_argument("--gene_panel", default=None, help="text file, one gene per line, in model order "

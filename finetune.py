@@ -258,10 +258,10 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
     class_weight = (inverse_frequency_weights(cells.codes[split["train"]], cells.n_classes, ctx.device)
                     if tuning.class_weights else None)
     bin_num = model.config.bin_num
-    train_set = utils.TokenDataset(cells.aligned, cells.input_format, bin_num, labels=cells.codes,
-                                   indices=split["train"])
-    valid_set = utils.TokenDataset(cells.aligned, cells.input_format, bin_num, labels=cells.codes,
-                                   indices=split["valid"] if len(split["valid"]) else split["train"])
+    train_set = utils.token_dataset(cells.aligned, cells.input_format, bin_num, labels=cells.codes,
+                                    indices=split["train"])
+    valid_set = utils.token_dataset(cells.aligned, cells.input_format, bin_num, labels=cells.codes,
+                                    indices=split["valid"] if len(split["valid"]) else split["train"])
     records = utils.EpochRecords(
         checkpoint=last_path, best_checkpoint=best_path, metrics_csv=out_dir / "finetune_metrics.csv",
         loss_plot=out_dir / "finetune_loss.png",
@@ -295,8 +295,8 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
                                 ctx, signals, fold=True)
         model, _ = utils.load_checkpoint(best_path)
         model.to(ctx.device)
-        test_set = utils.TokenDataset(cells.aligned, cells.input_format, model.config.bin_num, labels=cells.codes,
-                                      indices=split["test"])
+        test_set = utils.token_dataset(cells.aligned, cells.input_format, model.config.bin_num, labels=cells.codes,
+                                       indices=split["test"])
         test = scores(predict(model, test_set, tuning.plan.batch_size, ctx, precision, tuning.plan.num_workers))
         rows.append({"fold": k, "n_test": len(split["test"]), **test})
     table = utils.summarise_folds(rows)
@@ -316,7 +316,8 @@ def main(args: argparse.Namespace) -> Path:
     start, start_path = starting_checkpoint(args.model_path, args.from_scratch)
 
     # data: labelled cells, splits, the panel
-    adata = utils.read_dataset(args.data_path)
+    adata = utils.open_cells(args.data_path, utils.SomaOptions(args.soma_measurement, args.soma_layer,
+                                                               args.obs_filter))
     input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
     splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed)
@@ -362,8 +363,9 @@ def main(args: argparse.Namespace) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data_path", default=None, help="labelled cells x genes file; default: scanpy's "
-                      "bundled Zheng68K subset")
+    data.add_argument("--data_path", default=None, help=f"labelled cells: {utils.DATA_PATH_HELP}; default: "
+                      "scanpy's bundled Zheng68K subset")
+    utils.add_source_flags(data)
     data.add_argument("--label_key", default="celltype", help="obs column holding the cell types")
     data.add_argument("--input_format", default="auto", choices=["auto", "counts", "log1p"])
     data.add_argument("--gene_panel", default=None, help="text file, one gene per line, in model order "

@@ -147,7 +147,8 @@ def main(args: argparse.Namespace) -> Path:
     ckpt_path = ckpt_dir / "pretrain.pth"
 
     # data
-    adata = utils.read_dataset(args.data_path)
+    adata = utils.open_cells(args.data_path, utils.SomaOptions(args.soma_measurement, args.soma_layer,
+                                                               args.obs_filter))
     input_format = utils.detect_input_format(adata, args.input_format)
     fingerprint = utils.data_fingerprint(adata)
     run_args = utils.to_plain(vars(args))
@@ -179,11 +180,12 @@ def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.
                                  input_format=input_format, out_dir=ckpt_dir, ctx=ctx) if args.pos_embed else None
     model = pretraining_model(resume, ckpt_path, args.model, panel, args.bin_num, gene2vec, seed)
     model.to(ctx.device).train()
-    valid_idx, train_idx = split_cells(cells, args.valid_ratio, seed)
+    valid_idx, train_idx = (aligned.split_by_block(cells, args.valid_ratio, seed) if utils.is_streamed(aligned)
+                            else split_cells(cells, args.valid_ratio, seed))
     schedule = utils.Schedule(args.learning_rate, args.min_lr, args.cycle, args.warmup, args.lr_decay)
     training = utils.prepare_training(model, args.amp, schedule, ctx, resume)
-    train_set = utils.TokenDataset(aligned, input_format, model.config.bin_num, indices=train_idx)
-    valid_set = utils.TokenDataset(aligned, input_format, model.config.bin_num, indices=valid_idx)
+    train_set = utils.token_dataset(aligned, input_format, model.config.bin_num, indices=train_idx)
+    valid_set = utils.token_dataset(aligned, input_format, model.config.bin_num, indices=valid_idx)
     logger.info(f"model: preset {args.model if resume is None else 'from checkpoint'}, "
                 f"{sum(p.numel() for p in training.params):,} trainable parameters; precision "
                 f"{training.precision.mode}; {ctx.world_size} process(es) on {ctx.device.type}")
@@ -212,8 +214,9 @@ def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data_path", default=None, help="cells x genes file (.h5ad, 10x .h5 or mtx folder, "
-                      ".csv/.tsv, .loom); default: scanpy's bundled Zheng68K subset")
+    data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: scanpy's bundled "
+                      "Zheng68K subset")
+    utils.add_source_flags(data)
     data.add_argument("--input_format", default="auto", choices=["auto", "counts", "log1p"])
     data.add_argument("--gene_panel", default=None, help="text file, one gene per line, in model order")
     data.add_argument("--gene_num", type=int, default=None,
@@ -222,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bin_num", type=int, default=5, help="expression bins (tokens 0..bin_num)")
     data.add_argument("--min_genes", type=int, default=200,
                       help="drop cells with fewer expressed panel genes, as published (0 keeps all)")
-    data.add_argument("--valid_ratio", type=float, default=0.1, help="fraction of cells for validation")
+    data.add_argument("--valid_ratio", type=float, default=0.1, help="fraction of cells for validation (a "
+                      "streamed source: whole blocks of consecutive cells)")
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="small", choices=sorted(PRESETS), help="architecture preset")

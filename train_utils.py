@@ -25,6 +25,7 @@ from torch import nn
 
 import kernels
 import run_control
+from data_sources import StreamedTokens
 from data_utils import InputError, TokenDataset, token_loader
 from model import ModelConfig, PerformerLM, infer_config
 from run_control import StopRun
@@ -744,7 +745,11 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistCon
     `start_step` on (the batches before it are not read).
 
     pad=True (training) lets DistributedSampler repeat a few cells so all ranks take the same number
-    of steps; pad=False (scoring) gives every cell to exactly one rank."""
+    of steps; pad=False (scoring) gives every cell to exactly one rank. A streamed dataset
+    (data_sources.StreamedTokens) is read block-shuffled by its own loader, in this process (no
+    workers), under the same contract."""
+    if isinstance(dataset, StreamedTokens):
+        return dataset.loader(batch_size, ctx.rank, ctx.world_size, shuffle, seed, epoch, pad, start_step)
     if pad:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                                       shuffle=shuffle, seed=seed)
@@ -813,16 +818,19 @@ class EpochLoader:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.ctx.world_size}
+        state = {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                 "world_size": self.ctx.world_size}
+        if isinstance(self.dataset, StreamedTokens):  # what its block order depends on
+            state.update(self.dataset.loader_state())
+        return state
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         mine = self.state_dict()
-        for key in ("epoch", "seed", "batch_size", "world_size"):
-            if int(state[key]) != mine[key]:
-                raise InputError(f"the checkpoint stopped in the middle of an epoch run with {key} {state[key]}, this "
-                                 f"run has {mine[key]}; resume with the same --batch_size, --seed and number of "
-                                 f"processes to continue that epoch exactly")
+        for key in [k for k in mine if k != "step"]:
+            if key not in state or int(state[key]) != mine[key]:
+                raise InputError(f"the checkpoint stopped in the middle of an epoch run with {key} {state.get(key)}, this "
+                                 f"run has {mine[key]}; resume with the same data, --batch_size, --seed and number "
+                                 f"of processes to continue that epoch exactly")
         self.step = int(state["step"])
 
 
