@@ -33,7 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from data_utils import (
-    FINGERPRINT_CELLS, InputError, SparseTokens, _bin_values, _gene_key, _PanelMap, _ranges_to_index, _runs,
+    FINGERPRINT_CELLS, InputError, checked_rows, SparseTokens, _bin_values, _gene_key, _PanelMap, _ranges_to_index, _runs,
     _ROW_SAMPLE, _check_bin_num, evenly_spaced_rows, fingerprint_values, format_of_sample, label_strings,
     read_csr_rows, read_dataset,
 )
@@ -774,15 +774,7 @@ class StreamedTokens(torch.utils.data.Dataset):
         self.cells, self.bin_num, self.input_format = cells, int(bin_num), cells.input_format
         self.n_genes = len(cells.panel)
         self.seq_len = self.n_genes + 1
-        n = cells.n_obs
-        self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-        if self.indices.ndim != 1 or (len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n)):
-            raise ValueError(f"indices must be a 1-d array of row numbers in [0, {n})")
-        if labels is not None:
-            labels = np.asarray(labels, dtype=np.int64)
-            if labels.shape != (n,):
-                raise ValueError(f"labels must have one entry per cell of the data ({n}), got shape {labels.shape}")
-        self.labels = labels
+        self.indices, self.labels = checked_rows(cells.n_obs, indices, labels)
         self.block_size = max(1, min(BLOCK_CELLS, len(self.indices) // 64))
         self.blocks_held = BLOCKS_HELD
 

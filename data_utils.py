@@ -652,6 +652,18 @@ def _nonzero_tokens(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, s
     return positions, tokens
 
 
+def checked_rows(n: int, indices: np.ndarray | None, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A dataset's rows (default: all n) and per-cell labels as int64 arrays, checked against n cells."""
+    rows = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
+        raise ValueError(f"indices must be a 1-d array of row numbers in [0, {n})")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have one entry per cell of the data ({n}), got shape {labels.shape}")
+    return rows, labels
+
+
 def _check_bin_num(bin_num: int) -> None:
     if not 1 <= int(bin_num) <= 253:
         raise InputError(f"bin_num {bin_num} is out of range; use 1..253 (tokens are uint8 with [MASK] = bin_num + 1)")
@@ -846,15 +858,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.seq_len = self.n_genes + 1
         self._reader = _RowReader(adata)
         self._unique_columns = self._columns_unique_per_row(adata)
-        n = adata.n_obs
-        self.indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-        if self.indices.ndim != 1 or (len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n)):
-            raise ValueError(f"indices must be a 1-d array of row numbers in [0, {n})")
-        if labels is not None:
-            labels = np.asarray(labels, dtype=np.int64)
-            if labels.shape != (n,):
-                raise ValueError(f"labels must have one entry per cell of adata ({n}), got shape {labels.shape}")
-        self.labels = labels
+        self.indices, self.labels = checked_rows(adata.n_obs, indices, labels)
 
     def __len__(self) -> int:
         return len(self.indices)
