@@ -44,45 +44,13 @@ def write_cells(path: Path, first: int, n_cells: int, n_genes: int, nnz_per_cell
     """Cells first .. first + n_cells of the collection as a CSR .h5ad written chunk by chunk with h5py
     (memory: one chunk). Chunk j is drawn from the seed (seed, j), so any file of whole chunks holds
     the same cells as the shards it overlaps."""
-    import anndata as ad
-    import h5py
     import numpy as np
-    import pandas as pd
+
+    from tokenize_speed import write_csr_h5ad
 
     assert first % CHUNK == 0
-    tmp = path.with_name(path.name + ".tmp")
-    indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    p_gap = nnz_per_cell / n_genes
-    width = int(nnz_per_cell * 1.3) + 64  # enough gaps to pass the last gene in practice
-    with h5py.File(tmp, "w") as f:
-        g = f.create_group("X")
-        g.attrs["encoding-type"] = "csr_matrix"
-        g.attrs["encoding-version"] = "0.1.0"
-        g.attrs["shape"] = np.array([n_cells, n_genes])
-        data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 18,))
-        indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,))
-        written = 0
-        for start in range(0, n_cells, CHUNK):
-            rows = min(CHUNK, n_cells - start)
-            rng = np.random.default_rng([seed, (first + start) // CHUNK])
-            # distinct sorted genes per cell without a sort: cumulative sums of geometric gaps
-            cols = np.cumsum(rng.geometric(p_gap, size=(rows, width)).astype(np.int32), axis=1) - 1
-            keep = cols < n_genes
-            r = np.broadcast_to(np.arange(rows)[:, None], cols.shape)[keep]
-            c = cols[keep]
-            vals = rng.geometric(0.4, len(c)).astype(np.float32)  # counts 1, 2, 3, ...
-            indptr[start + 1:start + rows + 1] = written + np.cumsum(np.bincount(r, minlength=rows))
-            data.resize((written + len(c),))
-            indices.resize((written + len(c),))
-            data[written:] = vals
-            indices[written:] = c.astype(np.int32)
-            written += len(c)
-        g.create_dataset("indptr", data=indptr)
-        ad.io.write_elem(f, "obs", pd.DataFrame(index=pd.Index([f"cell{first + i}" for i in range(n_cells)])))
-        ad.io.write_elem(f, "var", pd.DataFrame(index=pd.Index([f"GENE{i}" for i in range(n_genes)])))
-        f.attrs["encoding-type"] = "anndata"
-        f.attrs["encoding-version"] = "0.1.0"
-    os.replace(tmp, path)
+    write_csr_h5ad(path, n_cells, n_genes, nnz_per_cell,
+                   lambda start: np.random.default_rng([seed, (first + start) // CHUNK]), first=first, chunk=CHUNK)
 
 
 def write_soma(h5ad: Path, uri: Path, chunk: int = CHUNK) -> None:

@@ -31,12 +31,22 @@ PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
 def write_synthetic(path: Path, n_cells: int, n_genes: int, nnz_per_cell: int, seed: int = 0,
                     chunk: int = 10_000) -> None:
     """CSR h5ad written chunk-wise with h5py: memory stays at one chunk whatever n_cells is."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    write_csr_h5ad(path, n_cells, n_genes, nnz_per_cell, lambda start: rng, chunk=chunk, progress=True)
+
+
+def write_csr_h5ad(path: Path, n_cells: int, n_genes: int, nnz_per_cell: int, chunk_rng, first: int = 0,
+                   chunk: int = 10_000, progress: bool = False) -> None:
+    """Synthetic raw counts (~nnz_per_cell distinct genes per cell, values 1, 2, 3, ...) as a CSR
+    .h5ad written chunk by chunk with h5py, atomically. chunk_rng(start) gives the generator that
+    draws the chunk of rows starting at `start`; cells are named cell{first + i}."""
     import anndata as ad
     import h5py
     import numpy as np
     import pandas as pd
 
-    rng = np.random.default_rng(seed)
     tmp = path.with_name(path.name + ".tmp")
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     p_gap = nnz_per_cell / n_genes
@@ -51,28 +61,29 @@ def write_synthetic(path: Path, n_cells: int, n_genes: int, nnz_per_cell: int, s
         written = 0
         for start in range(0, n_cells, chunk):
             rows = min(chunk, n_cells - start)
+            rng = chunk_rng(start)
             # distinct sorted genes per cell without a sort: cumulative sums of geometric gaps
             cols = np.cumsum(rng.geometric(p_gap, size=(rows, width)).astype(np.int32), axis=1) - 1
             keep = cols < n_genes
             r = np.broadcast_to(np.arange(rows)[:, None], cols.shape)[keep]
             c = cols[keep]
             vals = rng.geometric(0.4, len(c)).astype(np.float32)  # counts 1, 2, 3, ...
-            counts = np.bincount(r, minlength=rows)
-            indptr[start + 1:start + rows + 1] = written + np.cumsum(counts)
-            n_new = len(c)
-            data.resize((written + n_new,))
-            indices.resize((written + n_new,))
+            indptr[start + 1:start + rows + 1] = written + np.cumsum(np.bincount(r, minlength=rows))
+            data.resize((written + len(c),))
+            indices.resize((written + len(c),))
             data[written:] = vals
             indices[written:] = c.astype(np.int32)
-            written += n_new
-            print(f"  wrote {start + rows:,} / {n_cells:,} cells", end="\r", flush=True)
+            written += len(c)
+            if progress:
+                print(f"  wrote {start + rows:,} / {n_cells:,} cells", end="\r", flush=True)
         g.create_dataset("indptr", data=indptr)
-        ad.io.write_elem(f, "obs", pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(n_cells)])))
+        ad.io.write_elem(f, "obs", pd.DataFrame(index=pd.Index([f"cell{first + i}" for i in range(n_cells)])))
         ad.io.write_elem(f, "var", pd.DataFrame(index=pd.Index([f"GENE{i}" for i in range(n_genes)])))
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
     os.replace(tmp, path)
-    print()
+    if progress:
+        print()
 
 
 def stream(path: str, n_cells: int, batch_size: int, workers: int) -> dict:
