@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 import annotation
+import ensemble
 import report_utils
 import utils
 from model import PerformerLM
@@ -122,17 +123,40 @@ class Loaded(NamedTuple):
     classes: list[str] | None  # cell-type names in the order of the classifier's outputs; None: no classifier
     panel: list[str]           # genes, in model order
     weights_hash: str          # annotation.checkpoint_hash of its weights
+    other_members: tuple = ()  # an ensemble's members after the first (`model`), whose probabilities are averaged
 
 
 def load_model(model_path: str, label_names_path: str | None, panel_path: str | None,
                device: torch.device) -> Loaded:
-    model, ckpt = utils.load_checkpoint(model_path, map_location="cpu")
+    """The checkpoint's model, or of an ensemble file (finetune.py --folds) its first member as
+    `model` and the others in `other_members`; the ensemble file's fields (splits, panel, labels)."""
+    path = Path(model_path)
+    ckpt = utils.read_checkpoint(path, allow_ensemble=True) if path.is_file() else None
+    others: tuple = ()
+    if ckpt is not None and ensemble.is_ensemble(ckpt):
+        members = ensemble.load_members(path, ckpt)
+        model, others = members[0][0], tuple(m.to(device).eval() for m, _ in members[1:])
+        logger.info(f"ensemble of {len(members)} fold models ({', '.join(ckpt[ensemble.ENSEMBLE_KEY])}): their "
+                    f"probabilities are averaged; embeddings and gene importance come from the first")
+    else:
+        model, ckpt = utils.load_checkpoint(model_path, map_location="cpu")
     classes = None
     if model.head_kind == "classifier":
         classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
     panel = checkpoint_panel(ckpt, model.config.gene_num, panel_path)
     weights_hash = annotation.checkpoint_hash(model.state_dict())
-    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash)
+    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others)
+
+
+def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDataset, batch_size: int,
+                    ctx: utils.DistContext, precision: utils.Precision, num_workers: int) -> np.ndarray:
+    """The log of the members' averaged probabilities (the first member's logits given)."""
+    logits = [first]
+    for k, member in enumerate(loaded.other_members, start=2):
+        started = time.time()
+        logits.append(utils.predict(member, dataset, batch_size, ctx, precision, num_workers).logits)
+        logger.info(f"ensemble member {k} of {len(loaded.other_members) + 1}: {time.time() - started:.1f} s")
+    return np.log(np.maximum(ensemble.mean_probabilities(logits), 1e-30)).astype(np.float32)
 
 
 class Cells(NamedTuple):
@@ -579,6 +603,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threshold = args.unassign_thres if args.novel_type else None
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
+    if loaded.other_members:
+        embedded = embedded._replace(logits=ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx,
+                                                            precision, args.num_workers))
     classifier = classifier_calls(embedded.logits, loaded.classes, threshold) if loaded.classes is not None else None
     calls = classifier
     if reference is not None:
@@ -597,6 +624,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth = None if truth_all is None else truth_all[cells.rows]
     metrics = score(calls, classifier, voting, truth, label_key, cells, loaded, args.model_path, precision.mode,
                     embedded.seconds)
+    if loaded.other_members:
+        metrics["ensemble_members"] = [str(m) for m in loaded.ckpt[ensemble.ENSEMBLE_KEY]]
     baseline_labels = None
     if args.baseline:
         baseline_labels, metrics["baseline"] = run_baseline(cells.aligned, cells.input_format, truth_all,
