@@ -221,30 +221,63 @@ class HeadGuard:
     """Keeps the published head alive while it trains. The head scores each gene (dim -> 1), then a
     ReLU: a cell whose every score is <= 0 reaches the classifier as zeros and sends no gradient
     back, and once that holds for every cell the model predicts one type for ever (seen from scratch
-    at 3e-4 and 1e-3). For such cells only, the loss adds `margin` minus the cell's highest score,
-    which lifts the head back within a few steps; a cell with a positive score is trained by the
-    cross-entropy alone, and a trained model computes exactly what the published head computes."""
+    at 3e-4 and 1e-3). Two remedies, in training steps only:
+    - for such cells, the loss adds `margin` minus the cell's highest score (a cell with a positive
+      score is trained by the cross-entropy alone);
+    - when every cell of a batch is dead, the score's bias is raised before the next step so that
+      each of those cells has a score of at least `margin` (a restart of the head's operating point;
+      Adam alone would take hundreds of steps to climb back).
+    A trained model computes exactly what the published head computes; published checkpoints load
+    and predict unchanged."""
 
     def __init__(self, head: torch.nn.Module, margin: float = 1.0):
-        self.margin, self.scores, self.dead_cells = margin, None, 0
-        self.handle = head.act.register_forward_hook(self._keep)
+        self.head, self.margin = head, margin
+        self.scores = None
+        self.shift = None  # the bias raise for the next step: a 0-d tensor (0 while the head lives)
+        self.counts = None  # [cells lifted, restarts] since take_counts, on the head's device
+        self.handles = [head.act.register_forward_hook(self._keep), head.register_forward_pre_hook(self._restart)]
 
     def _keep(self, module, inputs, output) -> None:
         if torch.is_grad_enabled():  # training steps only, not validation
             self.scores = inputs[0]
 
+    def _restart(self, module, inputs) -> None:
+        if self.shift is not None and torch.is_grad_enabled():
+            with torch.no_grad():  # adding 0 leaves the bias as it is, bit for bit
+                self.head.conv1.bias.add_(self.shift.to(self.head.conv1.bias.dtype))
+                self.counts[1] += (self.shift > 0).to(self.counts.dtype)
+            self.shift = None
+
     def loss(self) -> torch.Tensor | float:
+        """The revival term of the last training forward (no host synchronisation: the decisions stay
+        on the device; in a distributed run every rank raises the bias by the largest rank's need,
+        so the replicas stay equal)."""
         scores, self.scores = self.scores, None
         if scores is None:
             return 0.0
         top = scores.float().amax(dim=-1)  # (cells,)
         dead = top <= 0
-        self.dead_cells += int(dead.sum())
+        if self.counts is None:
+            self.counts = torch.zeros(2, dtype=torch.float64, device=top.device)
+        self.counts[0] += dead.sum().to(self.counts.dtype)
+        with torch.no_grad():
+            shift = torch.where(dead.all(), self.margin - top.min(), torch.zeros((), device=top.device))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
+        self.shift = shift
         return torch.where(dead, self.margin - top, torch.zeros_like(top)).mean()
 
-    def take_count(self) -> int:
-        count, self.dead_cells = self.dead_cells, 0
-        return count
+    def take_counts(self) -> tuple[int, int]:
+        """(cells lifted by the loss term, bias restarts) since the last call."""
+        if self.counts is None:
+            return 0, 0
+        lifted, restarts = (int(v) for v in self.counts.tolist())
+        self.counts.zero_()
+        return lifted, restarts
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def scores(predictions: utils.Predictions) -> dict[str, float]:
@@ -270,7 +303,8 @@ def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, pr
            "valid_types_missed": valid["types_missed"],
            "valid_selection": valid["macro_f1"] - valid["types_missed"]}
     if guard is not None:
-        row["head_lifted_cells"] = int(utils.all_reduce_sum([guard.take_count()], ctx)[0])
+        lifted, restarts = utils.all_reduce_sum(list(guard.take_counts()), ctx)
+        row.update({"head_lifted_cells": int(lifted), "head_restarts": int(restarts)})
     return row
 
 
@@ -346,7 +380,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
                                "splits": {k: [int(i) for i in v] for k, v in split.items()}},
             run_args=tuning.run_args, signals=signals)
     finally:
-        guard.handle.remove()
+        guard.remove()
     if training.bad_epochs >= plan.patience:
         logger.info(f"early stop: no better validation score in {plan.patience} epochs")
     logger.info(f"best validation score {describe_selection(training.best)}: {best_path}")
@@ -442,6 +476,14 @@ def main(args: argparse.Namespace) -> Path:
     input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
     splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed, args.min_valid_per_class)
+    choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), {
+        "learning_rate": args.learning_rate, "min_lr": args.min_lr, "cycle": args.cycle, "warmup": args.warmup,
+        "lr_decay": args.lr_decay, "epoch": args.epoch})
+    logger.info(choice.description)
+    balance = "weights" if args.class_weights and args.balance is None else (args.balance or DEFAULT_BALANCE)
+    logger.info(f"rare types: --balance {balance}; validation keeps at least {args.min_valid_per_class} cell(s) of "
+                f"each type where it can; the best epoch recognises the most validation types, then has the "
+                f"highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
@@ -455,14 +497,6 @@ def main(args: argparse.Namespace) -> Path:
     cells = Cells(aligned, input_format, labelled.codes, len(labelled.names), fingerprint, args.data_path)
     gene2vec = functools.partial(utils.gene2vec_table, args.gene2vec_path, aligned, panel, seed=args.seed,
                                  input_format=input_format, out_dir=ckpt_dir, ctx=ctx) if args.pos_embed else None
-    choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), {
-        "learning_rate": args.learning_rate, "min_lr": args.min_lr, "cycle": args.cycle, "warmup": args.warmup,
-        "lr_decay": args.lr_decay, "epoch": args.epoch})
-    logger.info(choice.description)
-    balance = "weights" if args.class_weights and args.balance is None else (args.balance or DEFAULT_BALANCE)
-    logger.info(f"rare types: --balance {balance}; validation keeps at least {args.min_valid_per_class} cell(s) of "
-                f"each type where it can; the best epoch recognises the most validation types, then has the "
-                f"highest macro-F1")
     tuning = FineTuning(
         new_model=functools.partial(classifier_model, start, start_path, args.model, panel, args.bin_num, gene2vec,
                                     args.seed, len(labelled.names), args.cls_dropout),
