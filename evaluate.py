@@ -35,6 +35,8 @@ from report_utils import UNASSIGNED
 
 logger = logging.getLogger("scbert")
 
+DEFAULT_MODEL = Path("ckpts") / "finetune_best.pth"
+DEFAULT_ENSEMBLE = Path("ckpts") / "ensemble.pth"  # finetune.py --folds K
 OUTPUT_FILES = ("predictions.h5ad", "predictions.csv", "metrics.json", "confusion_matrix.png", "umap.png",
                 "gene_importance.csv", "gene_overlap.csv")
 
@@ -572,6 +574,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # load, align, check the reference
     gene_map = utils.read_gene_map(args.gene_map)
+    if args.model_path is None:
+        args.model_path = str(DEFAULT_MODEL)
+        if not DEFAULT_MODEL.exists() and DEFAULT_ENSEMBLE.exists():
+            args.model_path = str(DEFAULT_ENSEMBLE)
+            logger.info(f"no {DEFAULT_MODEL}: evaluating the fold ensemble {DEFAULT_ENSEMBLE}")
     loaded = load_model(args.model_path, args.label_names, args.gene_panel, ctx.device)
     check_modes(loaded, args.reference, args.majority_voting, args.baseline, args.model_path)
     config = loaded.model.config
@@ -650,9 +657,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("model and data")
-    data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned or pretrained "
-                      "checkpoint (default ckpts/finetune_best.pth); a pretrained one embeds, and with --reference "
-                      "labels, the cells")
+    data.add_argument("--model_path", default=None, help="fine-tuned or pretrained checkpoint, or a fold "
+                      f"ensemble (ensemble.pth); default {DEFAULT_MODEL}, else {DEFAULT_ENSEMBLE} when only that "
+                      "exists; a pretrained one embeds, and with --reference labels, the cells")
     data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: the data the "
                       "checkpoint was fine-tuned on")
     utils.add_source_flags(data)

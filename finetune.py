@@ -3,12 +3,16 @@
     python finetune.py                          # default data, from ckpts/pretrain.pth if it exists
     python finetune.py --data_path my.h5ad --label_key cell_type --model_path panglao_pretrain.pth \\
         --gene_panel panel_16906.txt            # the published weights carry no gene panel
-    python finetune.py --folds 5                # stratified 5-fold cross-validation
+    python finetune.py --folds 5                # a 5-fold ensemble: ckpts/ensemble.pth for evaluate.py
+    python finetune.py --test_size 0            # fit on every labelled cell, to deploy
 
-Holds out a stratified test set it never looks at (--test_size), early-stops on the macro-F1 of a
-stratified validation set (--valid_size, --patience), and writes ckpts/finetune_best.pth (with the
-label names, gene panel and split indices that evaluate.py needs) and ckpts/finetune_last.pth
-(for --resume), finetune_metrics.csv and finetune_loss.png.
+Holds out a stratified test set it never looks at (--test_size), keeps the epoch that does best on a
+stratified validation set (--valid_size; the most types recognised, then macro-F1) and stops after
+--patience epochs without a better one, and writes ckpts/finetune_best.pth (with the label names,
+gene panel and split indices that evaluate.py needs) and ckpts/finetune_last.pth (for --resume),
+finetune_metrics.csv and finetune_loss.png. The schedule and epoch count follow the number of
+training cells unless given (--schedule; train_utils.choose_schedule); a head guard keeps the
+published head from dying (HeadGuard).
 """
 from __future__ import annotations
 

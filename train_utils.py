@@ -1054,17 +1054,6 @@ def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: i
                        whole(pooled, np.zeros((0, model.config.dim), np.float32)) if pool is not None else None)
 
 
-def summarise_folds(rows: list[dict[str, Any]]) -> Any:
-    """Per-fold scores plus 'mean' and 'sd' rows (sample sd over folds)."""
-    import pandas as pd
-
-    table = pd.DataFrame(rows)
-    metrics = [c for c in table.columns if c not in ("fold", "n_test")]
-    mean = {"fold": "mean", "n_test": int(table["n_test"].sum()), **{m: table[m].mean() for m in metrics}}
-    sd = {"fold": "sd", "n_test": "", **{m: table[m].std(ddof=1) for m in metrics}}
-    return pd.concat([table.astype({"fold": str}), pd.DataFrame([mean, sd])], ignore_index=True)
-
-
 def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
     """After distributed training every rank must hold the same weights (DDP averages gradients and
     the random features are redrawn from a shared seed). Compares a checksum of all parameters and

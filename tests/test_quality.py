@@ -180,13 +180,15 @@ def test_folds_make_an_ensemble_that_evaluate_averages(tmp_path, default_subset)
     assert len(ens["splits"]["train"]) + len(ens["splits"]["test"]) == 234
 
     outs = {}
-    for name, model_path in (("ensemble", ckpts / "ensemble.pth"), ("fold0", ckpts / "fold0" / "finetune_best.pth"),
+    for name, model_path in (("ensemble", None), ("fold0", ckpts / "fold0" / "finetune_best.pth"),
                              ("fold1", ckpts / "fold1" / "finetune_best.pth")):
         out = tmp_path / name
-        result = run_script("evaluate.py", "--model_path", str(model_path), "--output_dir", str(out),
-                            "--no-umap", "--no-gene_importance")
+        where = [] if model_path is None else ["--model_path", str(model_path)]  # none: ckpts/ensemble.pth
+        result = run_script("evaluate.py", *where, "--output_dir", str(out), "--no-umap", "--no-gene_importance",
+                            cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         outs[name] = pd.read_csv(out / "predictions.csv")
+        assert ("evaluating the fold ensemble" in result.stdout) == (model_path is None)
     probability_columns = [c for c in outs["ensemble"].columns if c.startswith("prob_")]
     averaged = (outs["fold0"][probability_columns].to_numpy() + outs["fold1"][probability_columns].to_numpy()) / 2
     assert np.allclose(outs["ensemble"][probability_columns].to_numpy(), averaged, atol=1e-5)
