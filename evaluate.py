@@ -141,7 +141,8 @@ def load_model(model_path: str, label_names_path: str | None, panel_path: str | 
         logger.info(f"ensemble of {len(members)} fold models ({', '.join(ckpt[ensemble.ENSEMBLE_KEY])}): their "
                     f"probabilities are averaged; embeddings and gene importance come from the first")
     else:
-        model, ckpt = utils.load_checkpoint(model_path, map_location="cpu")
+        ckpt = ckpt if ckpt is not None else utils.read_checkpoint(path)
+        model = utils.build_model_from_checkpoint(ckpt, path)
     classes = None
     if model.head_kind == "classifier":
         classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)

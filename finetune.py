@@ -35,6 +35,7 @@ import utils
 from model import PRESETS, PerformerLM, get_config
 
 DEFAULT_PRETRAINED = Path("ckpts") / "pretrain.pth"
+DEFAULT_MIN_VALID = 2  # --min_valid_per_class
 DEFAULT_BALANCE = "none"  # chosen by measurement: benchmarks/results_accuracy.md
 logger = logging.getLogger("scbert")
 
@@ -119,11 +120,13 @@ def labelled_cells(adata, label_key: str, min_cells_per_class: int) -> LabelledC
 
 
 def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: float, seed: int,
-                min_valid_per_class: int = 0) -> list[dict[str, np.ndarray]]:
+                min_valid_per_class: int = DEFAULT_MIN_VALID) -> list[dict[str, np.ndarray]]:
     """One stratified train/valid/test split, or with folds > 1 an outer test split and one
     train/valid split per fold (the fold validates on its part of the rest). They index rows of the
     data as read (labelled cells only), so evaluate.py finds the same cells."""
-    if folds and folds > 1:
+    if min_valid_per_class < 0:
+        raise utils.InputError(f"--min_valid_per_class {min_valid_per_class} is negative; use 0 (off) or more")
+    if folds and folds > 1:  # each fold validates on a stratified K-th of the non-test cells
         splits = utils.stratified_folds(cells.labels, folds, test_size, seed)
     else:
         if valid_size <= 0:
@@ -131,6 +134,25 @@ def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: 
                                    f"epoch and stop the run; use a fraction such as 0.1")
         splits = [utils.stratified_splits(cells.labels, test_size, valid_size, seed, min_valid_per_class)]
     return [{k: cells.rows[v] for k, v in split.items()} for split in splits]
+
+
+SCHEDULE_FLAGS = ("learning_rate", "min_lr", "cycle", "warmup", "lr_decay", "epoch")
+
+
+def schedule_flags(args: argparse.Namespace, ckpt_dir: Path) -> dict[str, Any]:
+    """The schedule flags the user gave (None: not given). With --resume, those not given come from
+    the checkpoint being resumed, so a run continues on the schedule it started with (the automatic
+    cosine spans the epochs it chose; a larger --epoch continues into the next warm restart)."""
+    given = {k: getattr(args, k) for k in SCHEDULE_FLAGS}
+    if args.resume:
+        last = next((p for p in (ckpt_dir / "finetune_last.pth", ckpt_dir / "fold0" / "finetune_last.pth")
+                     if p.is_file()), None)
+        stored = utils.read_checkpoint(last).get("schedule") if last is not None else None
+        if stored:
+            given = {k: (v if v is not None else stored.get(k)) for k, v in given.items()}
+            logger.info(f"--resume: the schedule of {last} ({', '.join(f'{k} {stored[k]:g}' for k in SCHEDULE_FLAGS if k in stored)}) "
+                        f"unless given")
+    return given
 
 
 def classifier_model(start: dict | None, start_path: Path | None, preset: str, panel: list[str], bin_num: int,
@@ -228,34 +250,27 @@ class HeadGuard:
     at 3e-4 and 1e-3). Two remedies, in training steps only:
     - for such cells, the loss adds `margin` minus the cell's highest score (a cell with a positive
       score is trained by the cross-entropy alone);
-    - when every cell of a batch is dead, the score's bias is raised before the next step so that
-      each of those cells has a score of at least `margin` (a restart of the head's operating point;
-      Adam alone would take hundreds of steps to climb back).
+    - when every cell of a batch is dead, the score's bias is raised at once (before this step's
+      update) so that half of those cells have a score of at least `margin` (a restart of the head's
+      operating point; Adam alone would take hundreds of steps to climb back).
     A trained model computes exactly what the published head computes; published checkpoints load
-    and predict unchanged."""
+    and predict unchanged. Nothing is left pending between steps, so checkpoints and resumes need
+    no state of its own."""
 
     def __init__(self, head: torch.nn.Module, margin: float = 1.0):
         self.head, self.margin = head, margin
         self.scores = None
-        self.shift = None  # the bias raise for the next step: a 0-d tensor (0 while the head lives)
         self.counts = None  # [cells lifted, restarts] since take_counts, on the head's device
-        self.handles = [head.act.register_forward_hook(self._keep), head.register_forward_pre_hook(self._restart)]
+        self.handle = head.act.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         if torch.is_grad_enabled():  # training steps only, not validation
             self.scores = inputs[0]
 
-    def _restart(self, module, inputs) -> None:
-        if self.shift is not None and torch.is_grad_enabled():
-            with torch.no_grad():  # adding 0 leaves the bias as it is, bit for bit
-                self.head.conv1.bias.add_(self.shift.to(self.head.conv1.bias.dtype))
-                self.counts[1] += (self.shift > 0).to(self.counts.dtype)
-            self.shift = None
-
     def loss(self) -> torch.Tensor | float:
-        """The revival term of the last training forward (no host synchronisation: the decisions stay
-        on the device; in a distributed run every rank raises the bias by the largest rank's need,
-        so the replicas stay equal)."""
+        """The revival term of the last training forward, after raising the bias if the batch is
+        all dead. No host synchronisation: the decisions stay on the device; in a distributed run
+        every rank raises the bias by the largest rank's need, so the replicas stay equal."""
         scores, self.scores = self.scores, None
         if scores is None:
             return 0.0
@@ -263,12 +278,13 @@ class HeadGuard:
         dead = top <= 0
         if self.counts is None:
             self.counts = torch.zeros(2, dtype=torch.float64, device=top.device)
-        self.counts[0] += dead.sum().to(self.counts.dtype)
         with torch.no_grad():
-            shift = torch.where(dead.all(), self.margin - top.min(), torch.zeros((), device=top.device))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
-        self.shift = shift
+            shift = torch.where(dead.all(), self.margin - top.median(), torch.zeros((), device=top.device))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
+            bias = self.head.conv1.bias
+            bias.add_(shift.to(bias.dtype))  # adding 0 leaves it as it is, bit for bit
+            self.counts += torch.stack([dead.sum(), shift > 0]).to(self.counts.dtype)
         return torch.where(dead, self.margin - top, torch.zeros_like(top)).mean()
 
     def take_counts(self) -> tuple[int, int]:
@@ -280,8 +296,7 @@ class HeadGuard:
         return lifted, restarts
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.handle.remove()
 
 
 def scores(predictions: utils.Predictions) -> dict[str, float]:
@@ -308,7 +323,8 @@ def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, pr
            "valid_selection": valid["macro_f1"] - valid["types_missed"]}
     if guard is not None:
         lifted, restarts = utils.all_reduce_sum(list(guard.take_counts()), ctx)
-        row.update({"head_lifted_cells": int(lifted), "head_restarts": int(restarts)})
+        # cells differ per rank; a restart is the same on every rank (all-reduced), so counted once
+        row.update({"head_lifted_cells": int(lifted), "head_restarts": int(restarts) // ctx.world_size})
     return row
 
 
@@ -407,7 +423,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
     the ensemble's test scores (the folds' probabilities averaged). Returns the ensemble file."""
     precision = utils.Precision(utils.resolve_amp(tuning.amp, ctx.device), ctx.device)
     test_rows = splits[0]["test"]
-    rows, members, test_logits = [], [], []
+    rows, members, test_logits, test_labels = [], [], [], None
     for k, split in enumerate(splits):
         logger.info(f"--- fold {k + 1} of {len(splits)} ---")
         best_path = train_split(split, utils.check_writable_dir(ckpt_dir / f"fold{k}", "--ckpt_dir"), cells, tuning,
@@ -423,8 +439,9 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
             predicted = predict(model, dataset, tuning.plan.batch_size, ctx, precision, tuning.plan.num_workers)
             got = scores(predicted)
             row.update({f"{part}_accuracy": got["accuracy"], f"{part}_macro_f1": got["macro_f1"]})
-            if part == "test":
+            if part == "test":  # gathered rank by rank: the labels come in the same order as the logits
                 test_logits.append(predicted.logits)
+                test_labels = predicted.labels
         rows.append(row)
         members.append(best_path)
     ensemble_path = ckpt_dir / "ensemble.pth"
@@ -436,7 +453,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
             "splits": {"train": [int(i) for i in non_test], "valid": [], "test": [int(i) for i in test_rows]},
             "fold_splits": [{k: [int(i) for i in v] for k, v in s.items() if k != "test"} for s in splits],
             "args": dict(tuning.run_args)})
-        table = summary_table(rows, test_logits, cells.codes[test_rows] if len(test_rows) else None)
+        table = summary_table(rows, test_logits, test_labels)
         partial = summary.with_name(summary.name + ".partial")
         table.to_csv(partial, index=False)
         os.replace(partial, summary)
@@ -449,7 +466,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
 
 def summary_table(rows: list[dict[str, Any]], test_logits: list[np.ndarray], test_codes: np.ndarray | None):
     """cv_summary.csv: a row per fold, 'mean' and 'sd' over the folds, and with test cells an
-    'ensemble' row (averaged probabilities on the test cells)."""
+    'ensemble' row (averaged probabilities on the test cells; test_codes in the logits' order)."""
     import pandas as pd
 
     table = pd.DataFrame(rows)
@@ -480,11 +497,12 @@ def main(args: argparse.Namespace) -> Path:
     input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
     splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed, args.min_valid_per_class)
-    choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), {
-        "learning_rate": args.learning_rate, "min_lr": args.min_lr, "cycle": args.cycle, "warmup": args.warmup,
-        "lr_decay": args.lr_decay, "epoch": args.epoch})
+    choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), schedule_flags(args, ckpt_dir))
     logger.info(choice.description)
-    balance = "weights" if args.class_weights and args.balance is None else (args.balance or DEFAULT_BALANCE)
+    if args.class_weights and args.balance not in (None, "weights"):
+        raise utils.InputError(f"--class_weights is --balance weights, and --balance {args.balance} asks for "
+                               f"another; give one of them")
+    balance = args.balance = "weights" if args.class_weights else (args.balance or DEFAULT_BALANCE)
     logger.info(f"rare types: --balance {balance}; validation keeps at least {args.min_valid_per_class} cell(s) of "
                 f"each type where it can; the best epoch recognises the most validation types, then has the "
                 f"highest macro-F1")
@@ -494,6 +512,8 @@ def main(args: argparse.Namespace) -> Path:
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "
                 f"{found['total']} panel genes found ({input_format} input)")
+    if balance == "sampler":
+        utils.require_in_memory(aligned, "--balance sampler (it draws cells at random)", "use --balance weights")
     utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
 
     # how each split trains
@@ -514,7 +534,8 @@ def main(args: argparse.Namespace) -> Path:
         balance=balance, resume=args.resume,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format, "label_names": labelled.names,
                            "label_key": args.label_key, "data_fingerprint": fingerprint, "data_path": args.data_path,
-                           "pretrained_from": str(start_path) if start_path else None},
+                           "pretrained_from": str(start_path) if start_path else None,
+                           "schedule": {**dataclasses.asdict(choice.schedule), "epoch": choice.epochs}},
         run_args=utils.to_plain(vars(args)))
 
     with utils.guarded_run(ckpt_dir, ctx) as signals:  # the folder is this run's from here
@@ -544,8 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction; 0 fits on "
                       "every labelled cell (the validation cells still choose the epoch), to deploy")
     data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest")
-    data.add_argument("--min_valid_per_class", type=int, default=2, help="give each type at least this many "
-                      "validation cells, from its training cells, while half of them stay for training")
+    data.add_argument("--min_valid_per_class", type=int, default=DEFAULT_MIN_VALID, help="one split: give each type "
+                      "at least this many validation cells, from its training cells, while half of them stay for "
+                      "training (with --folds each fold validates on a stratified K-th)")
     data.add_argument("--folds", type=int, default=0, help="K > 1: after the --test_size split, K folds over the "
                       "rest, each validating on its part; writes fold{k}/ and ensemble.pth (evaluate.py averages "
                       "the folds) and cv_summary.csv")
@@ -572,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad_acc", type=int, default=1)
     utils.add_schedule_flags(train, auto=True)
     train.add_argument("--clip", type=float, default=1.0)
-    train.add_argument("--patience", type=int, default=10, help="validations without a better macro-F1")
+    train.add_argument("--patience", type=int, default=10, help="epochs without a better validation score (valid_selection)")
     train.add_argument("--balance", default=None, choices=["none", "weights", "sampler"],
                        help=f"rare types: 'weights' weights the loss by inverse type frequency, 'sampler' draws "
                             f"each epoch's cells with square-root type balancing; default {DEFAULT_BALANCE}")

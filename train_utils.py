@@ -837,7 +837,7 @@ def weighted_draw(weights: np.ndarray, seed: int, epoch: int, rank: int, world_s
     rng = np.random.default_rng(derive_seed(seed, epoch, salt=0xBA1A))
     items = rng.choice(len(w), size=len(w), replace=True, p=w / w.sum())
     per_rank = -(-len(items) // world_size)
-    items = np.concatenate([items, items[:per_rank * world_size - len(items)]])
+    items = np.resize(items, per_rank * world_size)  # repeats from the start as needed
     return [int(i) for i in items[rank::world_size]]
 
 
@@ -933,10 +933,16 @@ class EpochLoader:
                  "world_size": self.ctx.world_size}
         if isinstance(self.dataset, StreamedTokens):  # what its block order depends on
             state.update(self.dataset.loader_state())
+        if self.sample_weights is not None:  # a weighted draw, not a shuffle (absent: older checkpoints)
+            state["sampler"] = 1
         return state
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         mine = self.state_dict()
+        if int(state.get("sampler", 0)) != int(mine.get("sampler", 0)):
+            raise InputError(f"the checkpoint stopped in the middle of an epoch run with"
+                             f"{'' if state.get('sampler') else 'out'} --balance sampler, this run has"
+                             f"{'' if mine.get('sampler') else ' no'} sampler; resume with the same --balance")
         for key in [k for k in mine if k != "step"]:
             if key not in state or int(state[key]) != mine[key]:
                 raise InputError(f"the checkpoint stopped in the middle of an epoch run with {key} {state.get(key)}, this "

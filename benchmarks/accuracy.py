@@ -100,6 +100,9 @@ def union_cells(target: str, out: Path) -> tuple[Path, list[str]]:
     if sample is not None:
         sources.append(("celltypist_sample", sample))
     names = [n for n, _ in sources]
+    if not sources:
+        raise SystemExit(f"union pretraining for {target}: no other data set is here (PBMC3k absent, celltypist not "
+                         f"installed: pip install --no-deps celltypist); leave out --methods union")
     if path.is_file():
         return path, names
     own_path, _, extra = DATASETS[target]
@@ -160,16 +163,31 @@ def one_method(name: str, method: str, seed: int, args, out: Path) -> dict | Non
         seconds = run(script("finetune.py") + data_flags(path, label_key) + start +
                       ["--seed", str(seed), "--ckpt_dir", str(folder)], folder / "finetune_log.txt")
         (folder / "finetune_seconds.txt").write_text(f"{seconds:.0f}\n")
+        (folder / "revision.txt").write_text(revision() + "\n")
         run(script("evaluate.py") + ["--model_path", str(model_path), "--output_dir", str(folder / "eval"),
                                      "--baseline", "--no-umap", "--no-gene_importance"],
             folder / "evaluate_log.txt")
     metrics = json.loads(metrics_path.read_text())
     seconds_file = folder / "finetune_seconds.txt"
+    revision_file = folder / "revision.txt"
     return {"dataset": name, "seed": seed, "method": method, "n_test": metrics["n_cells"],
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "baseline_accuracy": metrics["baseline"]["accuracy"], "baseline_macro_f1": metrics["baseline"]["macro_f1"],
             "predicted_types": predicted_types(folder),
-            "finetune_seconds": float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")}
+            "finetune_seconds": float(seconds_file.read_text()) if seconds_file.is_file() else float("nan"),
+            "revision": revision_file.read_text().strip() if revision_file.is_file() else "?"}
+
+
+def revision() -> str:
+    """The commit the scripts ran at (+ 'dirty' with uncommitted changes), stamped in each run folder."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
 
 
 def fmt(values) -> str:
@@ -220,7 +238,11 @@ def report(table, args, minutes: float) -> str:
                          f"{row['accuracy'].iloc[0]:.3f} / {row['macro_f1'].iloc[0]:.3f} "
                          f"({row['baseline_accuracy'].iloc[0]:.3f} / {row['baseline_macro_f1'].iloc[0]:.3f})")
         lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample sd over seeds; paired: the mean of the per-seed differences (SE: its standard "
+    lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}. The ensemble's "
+              "regression column is `evaluate.py --baseline` on the ensemble file: trained on all non-test cells at "
+              "C = 1 (no validation cells are left to choose C), so compare the ensemble with the single model of "
+              "the same seed (same test cells).",
+              "", "Mean ± sample sd over seeds; paired: the mean of the per-seed differences (SE: its standard "
               "error). For context (REFERENCE.md §7): on the full Zheng68K the published scBERT reached 0.759 / "
               "0.691, the L1 regression 0.812 / 0.707 (Boiarsky et al.). PBMC3k's labels are derived from its "
               "expression (silver labels), so its scores are optimistic.", ""]

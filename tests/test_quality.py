@@ -229,3 +229,20 @@ def test_ensemble_helpers():
     mean = ensemble.mean_probabilities([a, b])
     assert np.allclose(mean.sum(axis=1), 1) and np.allclose(mean, (ensemble.softmax(a) + ensemble.softmax(b)) / 2)
     assert ensemble.is_ensemble({"ensemble": []}) and not ensemble.is_ensemble({"model_state_dict": {}})
+
+
+def test_resume_keeps_the_schedule_it_started_with(tmp_path, default_subset, caplog):
+    base = [*FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path)]
+    finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "2"]))  # auto: one cosine over 2 epochs
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "3", "--resume"]))
+    assert "--resume: the schedule of" in caplog.text
+    ckpt = torch.load(tmp_path / "finetune_last.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["schedule"]["cycle"] == 2 and ckpt["schedule"]["epoch"] == 3
+
+
+def test_conflicting_balance_flags_are_one_line_and_exit_2(tmp_path, default_subset):
+    result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
+                        "--class_weights", "--balance", "sampler")
+    assert result.returncode == 2 and "--class_weights is --balance weights" in result.stderr
+    assert not (tmp_path / "o").exists()
