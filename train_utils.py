@@ -423,7 +423,8 @@ def choose_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> Schedu
     - fewer than 10^4 cells: peak 3e-4 from the first epoch, one cosine cycle over the run, and
       enough epochs for ~12,000 cell passes (1,500 steps of 8), between 10 and 30. The published
       1e-4 with 5 warm-up epochs was made for ~300 steps of 180 cells per epoch; on 10^3 cells its
-      warm-up alone is a third of the run (measured: benchmarks/results_accuracy.md).
+      warm-up alone is a third of the run. (benchmarks/results_accuracy_budget_recipe.md has the
+      hand-tuned 3e-4, no-warm-up recipe this generalises; results_accuracy.md the defaults.)
     - 10^4 to 10^5 cells: the published schedule, the size it was made for.
     - more than 10^5 cells: the published peak 1e-4 without warm-up (the schedule steps per epoch,
       so a warm-up epoch of 10^6 cells would run at 1e-6), one cosine over ~1.5 x 10^6 cell passes,
