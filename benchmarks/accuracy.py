@@ -212,8 +212,10 @@ def report(table, args, minutes: float) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared). finetune.py with its defaults "
         f"(schedule auto, preset `small`, --balance and selection as shipped); seeds {args.seeds}; each seed its own "
         f"stratified 80/20 split (10% of the rest validates); test cells scored by evaluate.py; the regression is "
-        f"`evaluate.py --baseline`, trained on the cells the model trained on. Union pretraining: pretrain.py "
-        f"{' '.join(UNION_PRETRAIN_FLAGS)} on the other sets (see below). This call: {minutes:.0f} min. "
+        f"`evaluate.py --baseline`, trained on the cells the model trained on."
+        + (f" Union pretraining: pretrain.py {' '.join(UNION_PRETRAIN_FLAGS)} on the union of the other real sets, "
+           f"aligned to this set's panel." if (table["method"] == "union").any() else "")
+        + f" A row with fewer seeds than asked has runs still to finish. This call: {minutes:.0f} min. "
         f"`python benchmarks/accuracy.py --seeds {args.seeds} --folds {args.folds}`.",
         "",
         "| data | method | accuracy | macro-F1 | regression accuracy | regression macro-F1 | accuracy − regression "
