@@ -1045,11 +1045,14 @@ def _shuffle_split(labels: np.ndarray, idx: np.ndarray, size: float, seed: int) 
 
 
 def stratified_splits(labels: Sequence, test_size: float = 0.2, valid_size: float = 0.1,
-                      seed: int = 2021) -> dict[str, np.ndarray]:
+                      seed: int = 2021, min_valid_per_class: int = 0) -> dict[str, np.ndarray]:
     """Stratified train/valid/test row indices (sorted int64).
 
     test_size is a fraction of all cells; valid_size is a fraction of the non-test cells. A size of 0
-    gives an empty part. Classes need >= 2 cells per stage (3 when both parts are drawn).
+    gives an empty part. Classes need >= 2 cells per stage (3 when both parts are drawn). With
+    min_valid_per_class N, a type with fewer than N validation cells gets more from its training
+    cells, as long as at least half of its non-test cells stay for training (a proportional split
+    gives a type of 12 non-test cells 1 validation cell, or none).
     """
     y = np.asarray(labels).astype(str)
     for name, size in (("test_size", test_size), ("valid_size", valid_size)):
@@ -1061,24 +1064,50 @@ def stratified_splits(labels: Sequence, test_size: float = 0.2, valid_size: floa
     all_idx = np.arange(len(y))
     rest, test = _shuffle_split(y, all_idx, test_size, seed)
     train, valid = _shuffle_split(y, rest, valid_size, seed)
+    if valid_size > 0 and min_valid_per_class > 0:
+        train, valid = _top_up_validation(y, train, valid, min_valid_per_class, seed)
     return {"train": np.sort(train), "valid": np.sort(valid), "test": np.sort(test)}
 
 
-def stratified_folds(labels: Sequence, folds: int, valid_size: float = 0.1,
+def _top_up_validation(y: np.ndarray, train: np.ndarray, valid: np.ndarray, need: int,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Moves training cells of types with fewer than `need` validation cells to validation (seeded
+    choice), keeping at least half of each type's non-test cells for training."""
+    rng = np.random.default_rng(seed)
+    moved = []
+    for name in np.unique(y[train]):
+        mine = train[y[train] == name]
+        have = int((y[valid] == name).sum())
+        spare = len(mine) - -(-(len(mine) + have) // 2)  # what may go while half the type's cells stay
+        take = min(need - have, spare)
+        if take > 0:
+            moved.append(rng.choice(mine, size=take, replace=False))
+    if not moved:
+        return train, valid
+    moved = np.concatenate(moved)
+    return np.setdiff1d(train, moved), np.concatenate([valid, moved])
+
+
+def stratified_folds(labels: Sequence, folds: int, test_size: float = 0.2,
                      seed: int = 2021) -> list[dict[str, np.ndarray]]:
-    """Stratified K-fold: each fold's test part is one fold; the rest is split into train and a
-    stratified valid part (valid_size of the non-test cells), the same way in every fold."""
+    """An outer stratified test part (test_size of all cells, the same for every fold), then a
+    stratified K-fold over the rest: fold k validates on its k-th part and trains on the others.
+    Every non-test cell validates exactly once; the fold models form an ensemble scored on the
+    common test part (empty with test_size 0)."""
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(labels).astype(str)
     if folds < 2:
         raise InputError(f"--folds {folds} is too small; use 2 or more (or no --folds for one split)")
-    _class_counts_error(y, folds + (1 if valid_size > 0 else 0), f"{folds}-fold cross-validation")
+    if not 0 <= test_size < 1:
+        raise InputError(f"test_size {test_size} is outside [0, 1); use a fraction such as 0.2")
+    _class_counts_error(y, folds + (1 if test_size > 0 else 0), f"{folds}-fold cross-validation")
+    rest, test = _shuffle_split(y, np.arange(len(y)), test_size, seed)
+    _class_counts_error(y[rest], folds, f"{folds} folds after the --test_size split")
     out = []
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for rest, test in kfold.split(np.zeros(len(y)), y):
-        train, valid = _shuffle_split(y, rest, valid_size, seed)
-        out.append({"train": np.sort(train), "valid": np.sort(valid), "test": np.sort(test)})
+    for train, valid in kfold.split(np.zeros(len(rest)), y[rest]):
+        out.append({"train": np.sort(rest[train]), "valid": np.sort(rest[valid]), "test": np.sort(test)})
     return out
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 import annotation
+import ensemble
 import report_utils
 import utils
 from model import PerformerLM
@@ -34,6 +35,8 @@ from report_utils import UNASSIGNED
 
 logger = logging.getLogger("scbert")
 
+DEFAULT_MODEL = Path("ckpts") / "finetune_best.pth"
+DEFAULT_ENSEMBLE = Path("ckpts") / "ensemble.pth"  # finetune.py --folds K
 OUTPUT_FILES = ("predictions.h5ad", "predictions.csv", "metrics.json", "confusion_matrix.png", "umap.png",
                 "gene_importance.csv", "gene_overlap.csv")
 
@@ -122,17 +125,41 @@ class Loaded(NamedTuple):
     classes: list[str] | None  # cell-type names in the order of the classifier's outputs; None: no classifier
     panel: list[str]           # genes, in model order
     weights_hash: str          # annotation.checkpoint_hash of its weights
+    other_members: tuple = ()  # an ensemble's members after the first (`model`), whose probabilities are averaged
 
 
 def load_model(model_path: str, label_names_path: str | None, panel_path: str | None,
                device: torch.device) -> Loaded:
-    model, ckpt = utils.load_checkpoint(model_path, map_location="cpu")
+    """The checkpoint's model, or of an ensemble file (finetune.py --folds) its first member as
+    `model` and the others in `other_members`; the ensemble file's fields (splits, panel, labels)."""
+    path = Path(model_path)
+    ckpt = utils.read_checkpoint(path, allow_ensemble=True) if path.is_file() else None
+    others: tuple = ()
+    if ckpt is not None and ensemble.is_ensemble(ckpt):
+        members = ensemble.load_members(path, ckpt)
+        model, others = members[0][0], tuple(m.to(device).eval() for m, _ in members[1:])
+        logger.info(f"ensemble of {len(members)} fold models ({', '.join(ckpt[ensemble.ENSEMBLE_KEY])}): their "
+                    f"probabilities are averaged; embeddings and gene importance come from the first")
+    else:
+        ckpt = ckpt if ckpt is not None else utils.read_checkpoint(path)
+        model = utils.build_model_from_checkpoint(ckpt, path)
     classes = None
     if model.head_kind == "classifier":
         classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
     panel = checkpoint_panel(ckpt, model.config.gene_num, panel_path)
     weights_hash = annotation.checkpoint_hash(model.state_dict())
-    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash)
+    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others)
+
+
+def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDataset, batch_size: int,
+                    ctx: utils.DistContext, precision: utils.Precision, num_workers: int) -> np.ndarray:
+    """The log of the members' averaged probabilities (the first member's logits given)."""
+    logits = [first]
+    for k, member in enumerate(loaded.other_members, start=2):
+        started = time.time()
+        logits.append(utils.predict(member, dataset, batch_size, ctx, precision, num_workers).logits)
+        logger.info(f"ensemble member {k} of {len(loaded.other_members) + 1}: {time.time() - started:.1f} s")
+    return np.log(np.maximum(ensemble.mean_probabilities(logits), 1e-30)).astype(np.float32)
 
 
 class Cells(NamedTuple):
@@ -548,6 +575,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # load, align, check the reference
     gene_map = utils.read_gene_map(args.gene_map)
+    if args.model_path is None:
+        args.model_path = str(DEFAULT_MODEL)
+        if not DEFAULT_MODEL.exists() and DEFAULT_ENSEMBLE.exists():
+            args.model_path = str(DEFAULT_ENSEMBLE)
+            logger.info(f"no {DEFAULT_MODEL}: evaluating the fold ensemble {DEFAULT_ENSEMBLE}")
     loaded = load_model(args.model_path, args.label_names, args.gene_panel, ctx.device)
     check_modes(loaded, args.reference, args.majority_voting, args.baseline, args.model_path)
     config = loaded.model.config
@@ -579,6 +611,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threshold = args.unassign_thres if args.novel_type else None
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
+    if loaded.other_members:
+        embedded = embedded._replace(logits=ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx,
+                                                            precision, args.num_workers))
     classifier = classifier_calls(embedded.logits, loaded.classes, threshold) if loaded.classes is not None else None
     calls = classifier
     if reference is not None:
@@ -597,6 +632,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth = None if truth_all is None else truth_all[cells.rows]
     metrics = score(calls, classifier, voting, truth, label_key, cells, loaded, args.model_path, precision.mode,
                     embedded.seconds)
+    if loaded.other_members:
+        metrics["ensemble_members"] = [str(m) for m in loaded.ckpt[ensemble.ENSEMBLE_KEY]]
     baseline_labels = None
     if args.baseline:
         baseline_labels, metrics["baseline"] = run_baseline(cells.aligned, cells.input_format, truth_all,
@@ -621,9 +658,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("model and data")
-    data.add_argument("--model_path", default="ckpts/finetune_best.pth", help="fine-tuned or pretrained "
-                      "checkpoint (default ckpts/finetune_best.pth); a pretrained one embeds, and with --reference "
-                      "labels, the cells")
+    data.add_argument("--model_path", default=None, help="fine-tuned or pretrained checkpoint, or a fold "
+                      f"ensemble (ensemble.pth); default {DEFAULT_MODEL}, else {DEFAULT_ENSEMBLE} when only that "
+                      "exists; a pretrained one embeds, and with --reference labels, the cells")
     data.add_argument("--data_path", default=None, help=f"{utils.DATA_PATH_HELP}; default: the data the "
                       "checkpoint was fine-tuned on")
     utils.add_source_flags(data)

@@ -3,18 +3,24 @@
     python finetune.py                          # default data, from ckpts/pretrain.pth if it exists
     python finetune.py --data_path my.h5ad --label_key cell_type --model_path panglao_pretrain.pth \\
         --gene_panel panel_16906.txt            # the published weights carry no gene panel
-    python finetune.py --folds 5                # stratified 5-fold cross-validation
+    python finetune.py --folds 5                # a 5-fold ensemble: ckpts/ensemble.pth for evaluate.py
+    python finetune.py --test_size 0            # fit on every labelled cell, to deploy
 
-Holds out a stratified test set it never looks at (--test_size), early-stops on the macro-F1 of a
-stratified validation set (--valid_size, --patience), and writes ckpts/finetune_best.pth (with the
-label names, gene panel and split indices that evaluate.py needs) and ckpts/finetune_last.pth
-(for --resume), finetune_metrics.csv and finetune_loss.png.
+Holds out a stratified test set it never looks at (--test_size), keeps the epoch that does best on a
+stratified validation set (--valid_size; the most types recognised, then macro-F1) and stops after
+--patience epochs without a better one, and writes ckpts/finetune_best.pth (with the label names,
+gene panel and split indices that evaluate.py needs) and ckpts/finetune_last.pth (for --resume),
+finetune_metrics.csv and finetune_loss.png. The schedule and epoch count follow the number of
+training cells unless given (--schedule; train_utils.choose_schedule); a head guard keeps the
+published head from dying (HeadGuard).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +30,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
+import ensemble
 import utils
 from model import PRESETS, PerformerLM, get_config
 
 DEFAULT_PRETRAINED = Path("ckpts") / "pretrain.pth"
+DEFAULT_MIN_VALID = 2  # --min_valid_per_class
+# the published loss; weights/sampler are offered, and measured by benchmarks/accuracy.py --methods weights,sampler
+DEFAULT_BALANCE = "none"
 logger = logging.getLogger("scbert")
 
 
@@ -110,15 +120,40 @@ def labelled_cells(adata, label_key: str, min_cells_per_class: int) -> LabelledC
     return LabelledCells(rows, labels, names, codes)
 
 
-def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: float,
-                seed: int) -> list[dict[str, np.ndarray]]:
-    """One stratified train/valid/test split, or one per fold with folds > 1. They index rows of the
+def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: float, seed: int,
+                min_valid_per_class: int = DEFAULT_MIN_VALID) -> list[dict[str, np.ndarray]]:
+    """One stratified train/valid/test split, or with folds > 1 an outer test split and one
+    train/valid split per fold (the fold validates on its part of the rest). They index rows of the
     data as read (labelled cells only), so evaluate.py finds the same cells."""
-    if folds and folds > 1:
-        splits = utils.stratified_folds(cells.labels, folds, valid_size, seed)
+    if min_valid_per_class < 0:
+        raise utils.InputError(f"--min_valid_per_class {min_valid_per_class} is negative; use 0 (off) or more")
+    if folds and folds > 1:  # each fold validates on a stratified K-th of the non-test cells
+        splits = utils.stratified_folds(cells.labels, folds, test_size, seed)
     else:
-        splits = [utils.stratified_splits(cells.labels, test_size, valid_size, seed)]
+        if valid_size <= 0:
+            raise utils.InputError(f"--valid_size {valid_size} leaves no validation cells, and they choose the best "
+                                   f"epoch and stop the run; use a fraction such as 0.1")
+        splits = [utils.stratified_splits(cells.labels, test_size, valid_size, seed, min_valid_per_class)]
     return [{k: cells.rows[v] for k, v in split.items()} for split in splits]
+
+
+SCHEDULE_FLAGS = ("learning_rate", "min_lr", "cycle", "warmup", "lr_decay", "epoch")
+
+
+def schedule_flags(args: argparse.Namespace, ckpt_dir: Path) -> dict[str, Any]:
+    """The schedule flags the user gave (None: not given). With --resume, those not given come from
+    the checkpoint being resumed, so a run continues on the schedule it started with (the automatic
+    cosine spans the epochs it chose; a larger --epoch continues into the next warm restart)."""
+    given = {k: getattr(args, k) for k in SCHEDULE_FLAGS}
+    if args.resume:
+        last = next((p for p in (ckpt_dir / "finetune_last.pth", ckpt_dir / "fold0" / "finetune_last.pth")
+                     if p.is_file()), None)
+        stored = utils.read_checkpoint(last).get("schedule") if last is not None else None
+        if stored:
+            given = {k: (v if v is not None else stored.get(k)) for k, v in given.items()}
+            logger.info(f"--resume: the schedule of {last} ({', '.join(f'{k} {stored[k]:g}' for k in SCHEDULE_FLAGS if k in stored)}) "
+                        f"unless given")
+    return given
 
 
 def classifier_model(start: dict | None, start_path: Path | None, preset: str, panel: list[str], bin_num: int,
@@ -188,7 +223,7 @@ class FineTuning:
     amp: str
     schedule: utils.Schedule
     plan: utils.EpochPlan
-    class_weights: bool                   # weight the loss by inverse class frequency
+    balance: str                          # none, weights (inverse-frequency loss) or sampler (see balance_plan)
     resume: bool
     checkpoint_fields: dict[str, Any]     # what each checkpoint says about the data, labels and start
     run_args: dict[str, Any]              # the command line, stored in each checkpoint
@@ -209,29 +244,103 @@ def warn_if_head_is_dead(head_input: list[float], ctx, log: Callable[[str], None
             "--learning_rate (the published 1e-4) or a longer --warmup")
 
 
+class HeadGuard:
+    """Keeps the published head alive while it trains. The head scores each gene (dim -> 1), then a
+    ReLU: a cell whose every score is <= 0 reaches the classifier as zeros and sends no gradient
+    back, and once that holds for every cell the model predicts one type for ever (seen from scratch
+    at 3e-4 and 1e-3). Two remedies, in training steps only:
+    - for such cells, the loss adds `margin` minus the cell's highest score (a cell with a positive
+      score is trained by the cross-entropy alone);
+    - when every cell of a batch is dead, the score's bias is raised at once (before this step's
+      update) so that half of those cells have a score of at least `margin` (a restart of the head's
+      operating point; Adam alone would take hundreds of steps to climb back).
+    A trained model computes exactly what the published head computes; published checkpoints load
+    and predict unchanged. Nothing is left pending between steps, so checkpoints and resumes need
+    no state of its own."""
+
+    def __init__(self, head: torch.nn.Module, margin: float = 1.0):
+        self.head, self.margin = head, margin
+        self.scores = None
+        self.counts = None  # [cells lifted, restarts] since take_counts, on the head's device
+        self.handle = head.act.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled():  # training steps only, not validation
+            self.scores = inputs[0]
+
+    def loss(self) -> torch.Tensor | float:
+        """The revival term of the last training forward, after raising the bias if the batch is
+        all dead. No host synchronisation: the decisions stay on the device; in a distributed run
+        every rank raises the bias by the largest rank's need, so the replicas stay equal."""
+        scores, self.scores = self.scores, None
+        if scores is None:
+            return 0.0
+        top = scores.float().amax(dim=-1)  # (cells,)
+        dead = top <= 0
+        if self.counts is None:
+            self.counts = torch.zeros(2, dtype=torch.float64, device=top.device)
+        with torch.no_grad():
+            shift = torch.where(dead.all(), self.margin - top.median(), torch.zeros((), device=top.device))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
+            bias = self.head.conv1.bias
+            bias.add_(shift.to(bias.dtype))  # adding 0 leaves it as it is, bit for bit
+            self.counts += torch.stack([dead.sum(), shift > 0]).to(self.counts.dtype)
+        return torch.where(dead, self.margin - top, torch.zeros_like(top)).mean()
+
+    def take_counts(self) -> tuple[int, int]:
+        """(cells lifted by the loss term, bias restarts) since the last call."""
+        if self.counts is None:
+            return 0, 0
+        lifted, restarts = (int(v) for v in self.counts.tolist())
+        self.counts.zero_()
+        return lifted, restarts
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def scores(predictions: utils.Predictions) -> dict[str, float]:
     pred, truth = predictions.logits.argmax(-1), predictions.labels
     if len(truth) == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "types_missed": 0}
+    present = np.unique(truth)
+    found = np.unique(truth[pred == truth])
     return {"accuracy": float(accuracy_score(truth, pred)),
-            "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0))}
+            "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
+            "types_missed": int(len(np.setdiff1d(present, found)))}
 
 
-def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, precision) -> dict[str, float]:
+def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, precision,
+                      guard: HeadGuard | None = None) -> dict[str, float]:
+    """The validation scores of an epoch. valid_selection, which picks the best epoch and stops
+    the run, is macro-F1 minus the number of validation types with no cell recognised: an epoch that
+    recognises more types always ranks higher, then the higher macro-F1."""
     head_input: list[float] = []
     valid = scores(predict(model, dataset, batch_size, ctx, precision, num_workers, head_input))
     warn_if_head_is_dead(head_input, ctx)
-    return {"valid_acc": valid["accuracy"], "valid_macro_f1": valid["macro_f1"]}
+    row = {"valid_acc": valid["accuracy"], "valid_macro_f1": valid["macro_f1"],
+           "valid_types_missed": valid["types_missed"],
+           "valid_selection": valid["macro_f1"] - valid["types_missed"]}
+    if guard is not None:
+        lifted, restarts = utils.all_reduce_sum(list(guard.take_counts()), ctx)
+        # cells differ per rank; a restart is the same on every rank (all-reduced), so counted once
+        row.update({"head_lifted_cells": int(lifted), "head_restarts": int(restarts) // ctx.world_size})
+    return row
 
 
-def classification_loss(model, class_weight: torch.Tensor | None, device, precision) -> utils.LossFn:
+def classification_loss(model, class_weight: torch.Tensor | None, device, precision,
+                        guard: HeadGuard | None = None) -> utils.LossFn:
     def loss_fn(batch):
         with precision.autocast():
             logits = model(batch["tokens"].to(device, torch.long))
         target = batch["label"].to(device)
         loss = F.cross_entropy(logits.float(), target, weight=class_weight)
         correct = (logits.argmax(-1) == target).sum()
-        return loss, utils.step_statistics(loss, correct, torch.tensor(len(target), device=target.device))
+        statistics = utils.step_statistics(loss, correct, torch.tensor(len(target), device=target.device))
+        if guard is not None:
+            loss = loss + guard.loss()
+        return loss, statistics
 
     return loss_fn
 
@@ -239,6 +348,14 @@ def classification_loss(model, class_weight: torch.Tensor | None, device, precis
 def inverse_frequency_weights(codes: np.ndarray, n_classes: int, device) -> torch.Tensor:
     counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
     return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+
+
+def balanced_sample_weights(codes: np.ndarray) -> np.ndarray:
+    """--balance sampler: a weight per training cell so that each epoch draws the types in proportion
+    to the square root of their counts (a type of 10 cells among 1,000 is drawn 10x as often as its
+    share, not 100x: square-root sampling, Mahajan et al. 2018), with replacement."""
+    counts = np.bincount(codes)
+    return 1.0 / np.sqrt(counts[codes].astype(np.float64))
 
 
 def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tuning: FineTuning,
@@ -255,8 +372,13 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
     training = utils.prepare_training(model, tuning.amp, tuning.schedule, ctx, resume)
     logger.info(f"training {what}: {sum(p.numel() for p in training.params):,} parameters")
 
-    class_weight = (inverse_frequency_weights(cells.codes[split["train"]], cells.n_classes, ctx.device)
-                    if tuning.class_weights else None)
+    train_codes = cells.codes[split["train"]]
+    class_weight = (inverse_frequency_weights(train_codes, cells.n_classes, ctx.device)
+                    if tuning.balance == "weights" else None)
+    plan = tuning.plan
+    if tuning.balance == "sampler":
+        plan = dataclasses.replace(plan, sample_weights=balanced_sample_weights(train_codes))
+    guard = HeadGuard(utils.unwrap(training.model).to_out)
     bin_num = model.config.bin_num
     train_set = utils.token_dataset(cells.aligned, cells.input_format, bin_num, labels=cells.codes,
                                     indices=split["train"])
@@ -268,43 +390,98 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
         plot_series=(("train_loss", "loss (train)"), ("valid_acc", "accuracy (valid)"),
                      ("valid_macro_f1", "macro-F1 (valid)")),
         plot_title="scBERT fine-tuning", train_acc_column="train_acc")
-    loss_fn = classification_loss(training.stepped, class_weight, ctx.device, training.precision)
-    plan = tuning.plan
-    utils.run_epochs(
-        training, train_set, lambda epoch: loss_fn,
-        lambda: validation_scores(training.model, valid_set, plan.batch_size, plan.num_workers, ctx,
-                                  training.precision),
-        plan, records, ctx,
-        checkpoint_fields={**tuning.checkpoint_fields, "splits": {k: [int(i) for i in v] for k, v in split.items()}},
-        run_args=tuning.run_args, signals=signals)
+    loss_fn = classification_loss(training.stepped, class_weight, ctx.device, training.precision, guard)
+    try:
+        utils.run_epochs(
+            training, train_set, lambda epoch: loss_fn,
+            lambda: validation_scores(training.model, valid_set, plan.batch_size, plan.num_workers, ctx,
+                                      training.precision, guard),
+            plan, records, ctx,
+            checkpoint_fields={**tuning.checkpoint_fields,
+                               "splits": {k: [int(i) for i in v] for k, v in split.items()}},
+            run_args=tuning.run_args, signals=signals)
+    finally:
+        guard.remove()
     if training.bad_epochs >= plan.patience:
-        logger.info(f"early stop: no better validation macro-F1 in {plan.patience} epochs")
-    logger.info(f"best validation macro-F1 {training.best:.4f}: {best_path}")
+        logger.info(f"early stop: no better validation score in {plan.patience} epochs")
+    logger.info(f"best validation score {describe_selection(training.best)}: {best_path}")
     return best_path
+
+
+def describe_selection(value: float) -> str:
+    """valid_selection in words: macro-F1 and the types missed."""
+    if not np.isfinite(value):
+        return "none"
+    missed = int(np.ceil(-value)) if value < 0 else 0
+    return f"macro-F1 {value + missed:.4f}" + (f", {missed} validation type(s) never recognised" if missed else "")
 
 
 def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: Cells, tuning: FineTuning,
                    ctx: utils.DistContext, signals=None) -> Path:
-    """Trains every fold in ckpt_dir/fold{k}, scores its held-out fold with its best checkpoint, and
-    writes a per-fold and mean ± sd table to ckpt_dir/cv_summary.csv."""
+    """Trains every fold in ckpt_dir/fold{k} (it early-stops on its own part of the non-test cells),
+    writes ckpt_dir/ensemble.pth listing the folds' best checkpoints, and ckpt_dir/cv_summary.csv:
+    per fold its validation scores and its scores on the common test cells, their mean and sd, and
+    the ensemble's test scores (the folds' probabilities averaged). Returns the ensemble file."""
     precision = utils.Precision(utils.resolve_amp(tuning.amp, ctx.device), ctx.device)
-    rows = []
+    test_rows = splits[0]["test"]
+    rows, members, test_logits, test_labels = [], [], [], None
     for k, split in enumerate(splits):
         logger.info(f"--- fold {k + 1} of {len(splits)} ---")
         best_path = train_split(split, utils.check_writable_dir(ckpt_dir / f"fold{k}", "--ckpt_dir"), cells, tuning,
                                 ctx, signals, fold=True)
         model, _ = utils.load_checkpoint(best_path)
         model.to(ctx.device)
-        test_set = utils.token_dataset(cells.aligned, cells.input_format, model.config.bin_num, labels=cells.codes,
-                                       indices=split["test"])
-        test = scores(predict(model, test_set, tuning.plan.batch_size, ctx, precision, tuning.plan.num_workers))
-        rows.append({"fold": k, "n_test": len(split["test"]), **test})
-    table = utils.summarise_folds(rows)
+        row: dict[str, Any] = {"fold": k, "n_valid": len(split["valid"]), "n_test": len(test_rows)}
+        for part, part_rows in (("valid", split["valid"]), ("test", test_rows)):
+            if not len(part_rows):
+                continue
+            dataset = utils.token_dataset(cells.aligned, cells.input_format, model.config.bin_num, labels=cells.codes,
+                                          indices=part_rows)
+            predicted = predict(model, dataset, tuning.plan.batch_size, ctx, precision, tuning.plan.num_workers)
+            got = scores(predicted)
+            row.update({f"{part}_accuracy": got["accuracy"], f"{part}_macro_f1": got["macro_f1"]})
+            if part == "test":  # gathered rank by rank: the labels come in the same order as the logits
+                test_logits.append(predicted.logits)
+                test_labels = predicted.labels
+        rows.append(row)
+        members.append(best_path)
+    ensemble_path = ckpt_dir / "ensemble.pth"
     summary = ckpt_dir / "cv_summary.csv"
     if ctx.is_main:
-        table.to_csv(summary, index=False)
+        non_test = np.setdiff1d(np.concatenate([splits[0]["train"], splits[0]["valid"]]), test_rows)
+        ensemble.write_ensemble(ensemble_path, members, {
+            **tuning.checkpoint_fields, "folds": len(splits),
+            "splits": {"train": [int(i) for i in non_test], "valid": [], "test": [int(i) for i in test_rows]},
+            "fold_splits": [{k: [int(i) for i in v] for k, v in s.items() if k != "test"} for s in splits],
+            "args": dict(tuning.run_args)})
+        table = summary_table(rows, test_logits, test_labels)
+        partial = summary.with_name(summary.name + ".partial")
+        table.to_csv(partial, index=False)
+        os.replace(partial, summary)
         logger.info(table.to_string(index=False))
-    return summary
+        logger.info(f"ensemble of {len(members)} folds: {ensemble_path} (python evaluate.py --model_path "
+                    f"{ensemble_path})")
+    utils.barrier(ctx)
+    return ensemble_path
+
+
+def summary_table(rows: list[dict[str, Any]], test_logits: list[np.ndarray], test_codes: np.ndarray | None):
+    """cv_summary.csv: a row per fold, 'mean' and 'sd' over the folds, and with test cells an
+    'ensemble' row (averaged probabilities on the test cells; test_codes in the logits' order)."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    metrics = [c for c in table.columns if c not in ("fold", "n_valid", "n_test")]
+    mean = {"fold": "mean", "n_valid": int(table["n_valid"].sum()), "n_test": int(table["n_test"].iloc[0]),
+            **{m: table[m].mean() for m in metrics}}
+    sd = {"fold": "sd", **{m: table[m].std(ddof=1) for m in metrics}}
+    extra = [mean, sd]
+    if test_codes is not None and test_logits:
+        averaged = ensemble.mean_probabilities(test_logits)
+        got = scores(utils.Predictions(np.log(averaged + 1e-12), None, test_codes, None))
+        extra.append({"fold": "ensemble", "n_test": len(test_codes), "test_accuracy": got["accuracy"],
+                      "test_macro_f1": got["macro_f1"]})
+    return pd.concat([table.astype({"fold": str}), pd.DataFrame(extra)], ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,13 +497,24 @@ def main(args: argparse.Namespace) -> Path:
                                                                args.obs_filter))
     input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
-    splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed)
+    splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed, args.min_valid_per_class)
+    choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), schedule_flags(args, ckpt_dir))
+    logger.info(choice.description)
+    if args.class_weights and args.balance not in (None, "weights"):
+        raise utils.InputError(f"--class_weights is --balance weights, and --balance {args.balance} asks for "
+                               f"another; give one of them")
+    balance = args.balance = "weights" if args.class_weights else (args.balance or DEFAULT_BALANCE)
+    logger.info(f"rare types: --balance {balance}; validation keeps at least {args.min_valid_per_class} cell(s) of "
+                f"each type where it can; the best epoch recognises the most validation types, then has the "
+                f"highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "
                 f"{found['total']} panel genes found ({input_format} input)")
+    if balance == "sampler":
+        utils.require_in_memory(aligned, "--balance sampler (it draws cells at random)", "use --balance weights")
     utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind
 
     # how each split trains
@@ -339,15 +527,16 @@ def main(args: argparse.Namespace) -> Path:
                                     args.seed, len(labelled.names), args.cls_dropout),
         unfreeze=args.unfreeze or ("all" if start is None else "published"),
         amp=args.amp,
-        schedule=utils.Schedule(args.learning_rate, args.min_lr, args.cycle, args.warmup, args.lr_decay),
-        plan=utils.EpochPlan(args.epoch, args.batch_size, args.grad_acc, args.clip, args.seed, args.num_workers,
-                             monitor="valid_macro_f1", patience=args.patience,
+        schedule=choice.schedule,
+        plan=utils.EpochPlan(choice.epochs, args.batch_size, args.grad_acc, args.clip, args.seed, args.num_workers,
+                             monitor="valid_selection", patience=args.patience,
                              grad_checkpoint=args.grad_checkpoint, save_every_steps=args.save_every_steps,
                              log_every=args.log_every),
-        class_weights=args.class_weights, resume=args.resume,
+        balance=balance, resume=args.resume,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format, "label_names": labelled.names,
                            "label_key": args.label_key, "data_fingerprint": fingerprint, "data_path": args.data_path,
-                           "pretrained_from": str(start_path) if start_path else None},
+                           "pretrained_from": str(start_path) if start_path else None,
+                           "schedule": {**dataclasses.asdict(choice.schedule), "epoch": choice.epochs}},
         run_args=utils.to_plain(vars(args)))
 
     with utils.guarded_run(ckpt_dir, ctx) as signals:  # the folder is this run's from here
@@ -374,9 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "keep this many highly variable genes (default: all genes)")
     utils.add_gene_map_flag(data)
     data.add_argument("--bin_num", type=int, default=5, help="expression bins, from scratch only")
-    data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction")
+    data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction; 0 fits on "
+                      "every labelled cell (the validation cells still choose the epoch), to deploy")
     data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest")
-    data.add_argument("--folds", type=int, default=0, help="K > 1: stratified K-fold cross-validation")
+    data.add_argument("--min_valid_per_class", type=int, default=DEFAULT_MIN_VALID, help="one split: give each type "
+                      "at least this many validation cells, from its training cells, while half of them stay for "
+                      "training (with --folds each fold validates on a stratified K-th)")
+    data.add_argument("--folds", type=int, default=0, help="K > 1: after the --test_size split, K folds over the "
+                      "rest, each validating on its part; writes fold{k}/ and ensemble.pth (evaluate.py averages "
+                      "the folds) and cv_summary.csv")
     data.add_argument("--min_cells_per_class", type=int, default=0,
                       help="leave out cell types with fewer labelled cells (0: keep every type)")
     data.add_argument("--num_workers", type=int, default=0)
@@ -394,13 +589,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cls_dropout", type=float, default=0.0, help="dropout in the classifier head")
     model.add_argument("--grad_checkpoint", action="store_true")
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=15, help="maximum epochs (default: one first cycle of the published schedule)")
+    train.add_argument("--epoch", type=int, default=None, help="maximum epochs; default: from --schedule (auto: "
+                       "10-30 below 10^4 training cells, 15 up to 10^5, 2-15 above)")
     train.add_argument("--batch_size", type=int, default=8)
     train.add_argument("--grad_acc", type=int, default=1)
-    utils.add_schedule_flags(train)
+    utils.add_schedule_flags(train, auto=True)
     train.add_argument("--clip", type=float, default=1.0)
-    train.add_argument("--patience", type=int, default=10, help="validations without a better macro-F1")
-    train.add_argument("--class_weights", action="store_true", help="weight the loss by inverse class frequency")
+    train.add_argument("--patience", type=int, default=10, help="epochs without a better validation score (valid_selection)")
+    train.add_argument("--balance", default=None, choices=["none", "weights", "sampler"],
+                       help=f"rare types: 'weights' weights the loss by inverse type frequency, 'sampler' draws "
+                            f"each epoch's cells with square-root type balancing; default {DEFAULT_BALANCE}")
+    train.add_argument("--class_weights", action="store_true", help="the same as --balance weights (older name)")
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
     utils.add_fault_flags(run, "finetune_last.pth")

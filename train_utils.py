@@ -353,13 +353,32 @@ def warm_restart_lr(
     return min_lr + (peak - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (length - warmup))) / 2
 
 
-def add_schedule_flags(group: Any) -> None:
-    """The published optimiser and schedule (REFERENCE.md §4) as defaults, shared by both trainers."""
-    group.add_argument("--learning_rate", type=float, default=1e-4, help="Adam; peak of the schedule")
-    group.add_argument("--min_lr", type=float, default=1e-6, help="floor of the cosine schedule")
-    group.add_argument("--cycle", type=int, default=15, help="epochs in the first cosine cycle (x2 after)")
-    group.add_argument("--warmup", type=int, default=5, help="warm-up epochs at the start of each cycle")
-    group.add_argument("--lr_decay", type=float, default=0.9, help="peak decay per cycle")
+# the published fine-tuning schedule (REFERENCE.md §4), made for Zheng68K's ~5 x 10^4 training cells
+PUBLISHED_SCHEDULE = {"learning_rate": 1e-4, "min_lr": 1e-6, "cycle": 15, "warmup": 5, "lr_decay": 0.9}
+PUBLISHED_EPOCHS = 15  # one first cycle
+
+
+def add_schedule_flags(group: Any, auto: bool = False) -> None:
+    """The optimiser and schedule flags shared by both trainers. Without `auto` (pretraining) their
+    defaults are the published values; with it (fine-tuning) they default to None, and
+    `choose_schedule` fills in what the user did not give."""
+    def default(name: str) -> Any:
+        return None if auto else PUBLISHED_SCHEDULE[name]
+
+    tail = "; default: from --schedule" if auto else ""
+    group.add_argument("--learning_rate", type=float, default=default("learning_rate"),
+                       help="Adam; peak of the schedule" + tail)
+    group.add_argument("--min_lr", type=float, default=default("min_lr"), help="floor of the cosine schedule" + tail)
+    group.add_argument("--cycle", type=int, default=default("cycle"),
+                       help="epochs in the first cosine cycle (x2 after)" + tail)
+    group.add_argument("--warmup", type=int, default=default("warmup"),
+                       help="warm-up epochs at the start of each cycle" + tail)
+    group.add_argument("--lr_decay", type=float, default=default("lr_decay"), help="peak decay per cycle" + tail)
+    if auto:
+        group.add_argument("--schedule", default="auto", choices=["auto", "published"],
+                           help="defaults of the five flags above and --epoch: 'auto' chooses them from the number "
+                                "of training cells (the published schedule for 10^4-10^5 cells), 'published' is "
+                                "the published one whatever the size")
 
 
 def add_run_flags(group: Any) -> None:
@@ -379,6 +398,71 @@ class Schedule:
     cycle: int            # epochs in the first cosine cycle (each next one twice as long, less the warm-up)
     warmup: int           # warm-up epochs at the start of each cycle
     lr_decay: float       # the peak's decay per cycle
+
+
+# the automatic schedule's size classes, in training cells
+SMALL_DATA_CELLS = 10_000      # below: a higher peak, no warm-up, one cosine over the run
+LARGE_DATA_CELLS = 100_000     # above: the published peak, no warm-up, a few epochs
+SMALL_DATA_CELL_PASSES = 12_000  # 1,500 optimiser steps of 8 cells
+LARGE_DATA_CELL_PASSES = 1_500_000
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    schedule: Schedule
+    epochs: int
+    description: str  # one line for the log: what was chosen and why
+
+
+def choose_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> ScheduleChoice:
+    """The fine-tuning schedule and epoch count for n_train training cells. `given`: the user's
+    --learning_rate, --min_lr, --cycle, --warmup, --lr_decay and --epoch (None where not given);
+    a given value always wins.
+
+    'published': REFERENCE.md §4, 15 epochs (its first cycle). 'auto':
+    - fewer than 10^4 cells: peak 3e-4 from the first epoch, one cosine cycle over the run, and
+      enough epochs for ~12,000 cell passes (1,500 steps of 8), between 10 and 30. The published
+      1e-4 with 5 warm-up epochs was made for ~300 steps of 180 cells per epoch; on 10^3 cells its
+      warm-up alone is a third of the run. (benchmarks/results_accuracy_budget_recipe.md has the
+      hand-tuned 3e-4, no-warm-up recipe this generalises; results_accuracy.md the defaults.)
+    - 10^4 to 10^5 cells: the published schedule, the size it was made for.
+    - more than 10^5 cells: the published peak 1e-4 without warm-up (the schedule steps per epoch,
+      so a warm-up epoch of 10^6 cells would run at 1e-6), one cosine over ~1.5 x 10^6 cell passes,
+      between 2 and 15 epochs."""
+    if kind not in ("auto", "published"):
+        raise InputError(f"--schedule {kind!r} is not known; use auto or published")
+    n = max(int(n_train), 1)
+    if kind == "published" or SMALL_DATA_CELLS <= n <= LARGE_DATA_CELLS:
+        values, epochs = dict(PUBLISHED_SCHEDULE), PUBLISHED_EPOCHS
+        why = ("published (--schedule published)" if kind == "published" else
+               f"published ({n:,} training cells: the size it was made for)")
+    else:
+        small = n < SMALL_DATA_CELLS
+        passes, low, high = ((SMALL_DATA_CELL_PASSES, 10, 30) if small else (LARGE_DATA_CELL_PASSES, 2, 15))
+        epochs = int(min(max(math.ceil(passes / n), low), high))
+        values = {"learning_rate": 3e-4 if small else 1e-4, "min_lr": 1e-6, "cycle": None, "warmup": 0,
+                  "lr_decay": 0.9}
+        why = (f"auto for {n:,} training cells ({'fewer than 10^4' if small else 'more than 10^5'}: "
+               f"--schedule published for the published one)")
+    chosen = {k: (given.get(k) if given.get(k) is not None else v) for k, v in values.items()}
+    epochs = int(given["epoch"]) if given.get("epoch") is not None else epochs
+    if chosen["cycle"] is None:
+        chosen["cycle"] = epochs  # one cosine over the run
+    for name in ("learning_rate", "cycle"):
+        if not chosen[name] > 0:
+            raise InputError(f"--{name} {chosen[name]} must be positive")
+    if epochs < 1:
+        raise InputError(f"--epoch {epochs} must be at least 1")
+    if not 0 <= chosen["warmup"] < chosen["cycle"]:
+        raise InputError(f"--warmup {chosen['warmup']} must be at least 0 and shorter than the cycle "
+                         f"({chosen['cycle']} epochs); lower --warmup or raise --cycle")
+    schedule = Schedule(float(chosen["learning_rate"]), float(chosen["min_lr"]), int(chosen["cycle"]),
+                        int(chosen["warmup"]), float(chosen["lr_decay"]))
+    mine = [k for k in (*values, "epoch") if given.get(k) is not None]
+    text = (f"schedule {why}: {epochs} epochs, peak lr {schedule.learning_rate:g}, warm-up {schedule.warmup}, "
+            f"first cycle {schedule.cycle} epochs, floor {schedule.min_lr:g}, decay {schedule.lr_decay:g}"
+            + (f"; given: {', '.join('--' + k for k in mine)}" if mine else ""))
+    return ScheduleChoice(schedule, epochs, text)
 
 
 def add_fault_flags(group: Any, checkpoint: str) -> None:
@@ -524,9 +608,11 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", allow_ensemble: bool = False) -> dict[str, Any]:
     """The checkpoint dict, with the model weights under `model_state_dict` and wrapper prefixes
-    stripped. Accepts a bare state dict too. Any unreadable file raises one clear InputError."""
+    stripped. Accepts a bare state dict too, and with allow_ensemble a fold-ensemble file
+    (ensemble.py: a list of checkpoints, returned as read). Any unreadable file raises one clear
+    InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; pass --model_path with a .pth file "
@@ -551,6 +637,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ) from None
     if isinstance(ckpt, Mapping) and "model_state_dict" not in ckpt and "token_emb.weight" in ckpt:
         ckpt = {"model_state_dict": ckpt}
+    if isinstance(ckpt, Mapping) and "model_state_dict" not in ckpt and "ensemble" in ckpt:
+        if allow_ensemble:
+            return dict(ckpt)
+        raise InputError(f"{path} is a fold ensemble (finetune.py --folds), a list of fine-tuned checkpoints; "
+                         f"evaluate.py takes it as --model_path, elsewhere pass one of its folds "
+                         f"({', '.join(map(str, ckpt['ensemble']))[:120]})")
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model_state_dict"), Mapping):
         found = list(ckpt)[:6] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise InputError(f"{path} holds no scBERT model (expected a dict with 'model_state_dict'; found {found}); "
@@ -738,19 +830,37 @@ def derive_seed(seed: int, *parts: int, salt: int = 0) -> int:
     return int(np.random.SeedSequence([seed, salt, *parts]).generate_state(1)[0])
 
 
+def weighted_draw(weights: np.ndarray, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
+    """This rank's items of one epoch drawn with replacement in proportion to `weights` (one per
+    item): len(weights) draws in all, dealt out rank by rank (the last ones repeated so every rank
+    takes as many), the same for the same (seed, epoch) however often it is asked."""
+    w = np.asarray(weights, dtype=np.float64)
+    rng = np.random.default_rng(derive_seed(seed, epoch, salt=0xBA1A))
+    items = rng.choice(len(w), size=len(w), replace=True, p=w / w.sum())
+    per_rank = -(-len(items) // world_size)
+    items = np.resize(items, per_rank * world_size)  # repeats from the start as needed
+    return [int(i) for i in items[rank::world_size]]
+
+
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext, shuffle: bool,
                 seed: int, epoch: int, num_workers: int = 0, pad: bool = True,
-                start_step: int = 0) -> torch.utils.data.DataLoader:
+                start_step: int = 0, sample_weights: np.ndarray | None = None) -> torch.utils.data.DataLoader:
     """Each rank's share of the dataset, in an order that depends only on (seed, epoch), from batch
     `start_step` on (the batches before it are not read).
 
     pad=True (training) lets DistributedSampler repeat a few cells so all ranks take the same number
     of steps; pad=False (scoring) gives every cell to exactly one rank. A streamed dataset
     (data_sources.StreamedTokens) is read block-shuffled by its own loader, in this process (no
-    workers), under the same contract."""
+    workers), under the same contract. sample_weights (training, one per item): the epoch's items are
+    drawn with replacement in proportion to them (`weighted_draw`) instead of a shuffle."""
     if isinstance(dataset, StreamedTokens):
+        if sample_weights is not None:
+            raise InputError("--balance sampler draws cells at random and a streamed source is read block by block; "
+                             "use --balance weights, or read the cells into memory")
         return dataset.loader(batch_size, ctx.rank, ctx.world_size, shuffle, seed, epoch, pad, start_step)
-    if pad:
+    if sample_weights is not None:
+        sampler = weighted_draw(sample_weights, seed, epoch, ctx.rank, ctx.world_size)
+    elif pad:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                                       shuffle=shuffle, seed=seed)
         sampler.set_epoch(epoch)
@@ -801,18 +911,20 @@ class EpochLoader:
     without reading them; the batch size and process count must be the same."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, ctx: DistContext, seed: int, epoch: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, sample_weights: np.ndarray | None = None):
         self.dataset, self.batch_size, self.ctx = dataset, batch_size, ctx
         self.seed, self.epoch, self.num_workers = seed, epoch, num_workers
+        self.sample_weights = sample_weights
         self.step = 0  # batches taken in this epoch
-        self.steps = len(make_loader(dataset, batch_size, ctx, shuffle=True, seed=seed, epoch=epoch))
+        self.steps = len(make_loader(dataset, batch_size, ctx, shuffle=True, seed=seed, epoch=epoch,
+                                     sample_weights=sample_weights))
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[Any]:
         loader = make_loader(self.dataset, self.batch_size, self.ctx, shuffle=True, seed=self.seed, epoch=self.epoch,
-                             num_workers=self.num_workers, start_step=self.step)
+                             num_workers=self.num_workers, start_step=self.step, sample_weights=self.sample_weights)
         for batch in loader:
             self.step += 1
             yield batch
@@ -822,10 +934,16 @@ class EpochLoader:
                  "world_size": self.ctx.world_size}
         if isinstance(self.dataset, StreamedTokens):  # what its block order depends on
             state.update(self.dataset.loader_state())
+        if self.sample_weights is not None:  # a weighted draw, not a shuffle (absent: older checkpoints)
+            state["sampler"] = 1
         return state
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         mine = self.state_dict()
+        if int(state.get("sampler", 0)) != int(mine.get("sampler", 0)):
+            raise InputError(f"the checkpoint stopped in the middle of an epoch run with"
+                             f"{'' if state.get('sampler') else 'out'} --balance sampler, this run has"
+                             f"{'' if mine.get('sampler') else ' no'} sampler; resume with the same --balance")
         for key in [k for k in mine if k != "step"]:
             if key not in state or int(state[key]) != mine[key]:
                 raise InputError(f"the checkpoint stopped in the middle of an epoch run with {key} {state.get(key)}, this "
@@ -943,17 +1061,6 @@ def predict(model: PerformerLM, dataset: torch.utils.data.Dataset, batch_size: i
                        whole(pooled, np.zeros((0, model.config.dim), np.float32)) if pool is not None else None)
 
 
-def summarise_folds(rows: list[dict[str, Any]]) -> Any:
-    """Per-fold scores plus 'mean' and 'sd' rows (sample sd over folds)."""
-    import pandas as pd
-
-    table = pd.DataFrame(rows)
-    metrics = [c for c in table.columns if c not in ("fold", "n_test")]
-    mean = {"fold": "mean", "n_test": int(table["n_test"].sum()), **{m: table[m].mean() for m in metrics}}
-    sd = {"fold": "sd", "n_test": "", **{m: table[m].std(ddof=1) for m in metrics}}
-    return pd.concat([table.astype({"fold": str}), pd.DataFrame([mean, sd])], ignore_index=True)
-
-
 def check_ranks_agree(model: nn.Module, ctx: DistContext) -> None:
     """After distributed training every rank must hold the same weights (DDP averages gradients and
     the random features are redrawn from a shared seed). Compares a checksum of all parameters and
@@ -996,7 +1103,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     precision: Precision
     first_epoch: int = 1
-    best: float = -1.0        # the best validation score so far (early stopping)
+    best: float = float("-inf")  # the best validation score so far (early stopping)
     bad_epochs: int = 0       # validations since it last improved
     resume: Mapping[str, Any] | None = None  # a mid-epoch checkpoint: where in first_epoch to continue
 
@@ -1031,7 +1138,7 @@ def prepare_training(model: nn.Module, amp: str, schedule: Schedule, ctx: DistCo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=schedule.learning_rate)
     scheduler = make_scheduler(optimizer, schedule)
-    first_epoch, best, bad_epochs, mid_epoch = 1, -1.0, 0, None
+    first_epoch, best, bad_epochs, mid_epoch = 1, float("-inf"), 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer_state_dict"])
         scheduler.load_state_dict(resume["scheduler_state_dict"])
@@ -1062,6 +1169,7 @@ class EpochPlan:
     grad_checkpoint: bool = False  # store as little as possible for the backward (kernels.ExecutionSettings)
     save_every_steps: int = 0    # also a mid-epoch checkpoint every this many optimizer steps (0: none)
     log_every: int = 0           # steps between progress lines when stderr is not a terminal (0: about a minute)
+    sample_weights: Any = None   # one per training item: each epoch draws its cells in proportion (None: a shuffle)
 
 
 @dataclass(frozen=True)
@@ -1095,7 +1203,7 @@ def run_epochs(training: Training, train_set: torch.utils.data.Dataset, epoch_lo
         if plan.monitor is not None and training.bad_epochs >= plan.patience:
             break
         started = time.time()
-        loader = EpochLoader(train_set, plan.batch_size, ctx, plan.seed, epoch, plan.num_workers)
+        loader = EpochLoader(train_set, plan.batch_size, ctx, plan.seed, epoch, plan.num_workers, plan.sample_weights)
         loss_fn, totals = epoch_loss(epoch), None
         if training.resume is not None:  # continue the interrupted epoch where it stopped
             loader.load_state_dict(training.resume["loader_state"])

@@ -489,15 +489,37 @@ def test_splits_too_few_cells_error():
 
 def test_stratified_folds():
     labels = np.array(["a"] * 60 + ["b"] * 30 + ["c"] * 10)
-    folds = du.stratified_folds(labels, 5, valid_size=0.1)
-    assert len(folds) == 5
-    tests = np.concatenate([f["test"] for f in folds])
-    assert sorted(tests.tolist()) == list(range(100))
+    folds = du.stratified_folds(labels, 4, test_size=0.2, seed=3)
+    assert len(folds) == 4
+    test = folds[0]["test"]
+    assert len(test) == 20 and (labels[test] == "c").sum() == 2  # one outer test part, stratified
+    assert all(np.array_equal(f["test"], test) for f in folds)
+    assert np.array_equal(test, du.stratified_splits(labels, 0.2, 0.1, seed=3)["test"])  # the single split's test
+    valids = np.concatenate([f["valid"] for f in folds])
+    assert sorted(valids.tolist()) == sorted(set(range(100)) - set(test.tolist()))  # each non-test cell once
     for f in folds:
-        assert not set(f["train"]) & set(f["test"]) and not set(f["valid"]) & set(f["test"])
-        assert not set(f["train"]) & set(f["valid"])
-        assert len(f["train"]) + len(f["valid"]) + len(f["test"]) == 100
-        assert (labels[f["test"]] == "c").sum() == 2
+        assert not set(f["train"]) & set(f["valid"]) and not (set(f["train"]) | set(f["valid"])) & set(test)
+        assert len(f["train"]) + len(f["valid"]) == 80 and (labels[f["valid"]] == "c").sum() == 2
+    everything = du.stratified_folds(labels, 4, test_size=0, seed=3)
+    assert all(len(f["test"]) == 0 and len(f["train"]) + len(f["valid"]) == 100 for f in everything)
+
+
+def test_min_valid_per_class_tops_up_rare_types():
+    labels = np.array(["a"] * 300 + ["b"] * 100 + ["rare"] * 12)
+    plain = du.stratified_splits(labels, 0.2, 0.1, seed=2021)
+    assert (labels[plain["valid"]] == "rare").sum() < 3
+    topped = du.stratified_splits(labels, 0.2, 0.1, seed=2021, min_valid_per_class=3)
+    assert np.array_equal(topped["test"], plain["test"])
+    assert (labels[topped["valid"]] == "rare").sum() == 3
+    assert ((labels[topped["valid"]] == "a").sum(), (labels[topped["valid"]] == "b").sum()) == \
+        ((labels[plain["valid"]] == "a").sum(), (labels[plain["valid"]] == "b").sum())  # common types untouched
+    parts = [set(topped[k].tolist()) for k in ("train", "valid", "test")]
+    assert sum(map(len, parts)) == len(labels) and set().union(*parts) == set(range(len(labels)))
+    # never more than half of a type's non-test cells: 4 non-test cells give 2 to validation at most
+    few = np.array(["a"] * 300 + ["tiny"] * 5)
+    s = du.stratified_splits(few, 0.2, 0.1, seed=1, min_valid_per_class=10)
+    non_test = (few[s["train"]] == "tiny").sum() + (few[s["valid"]] == "tiny").sum()
+    assert (few[s["valid"]] == "tiny").sum() == non_test // 2 and (few[s["train"]] == "tiny").sum() >= 1
 
 
 # ----------------------------------------------------------------------------------------------

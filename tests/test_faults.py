@@ -189,7 +189,7 @@ def test_cross_validation_stopped_in_a_fold_resumes_at_that_fold(tmp_path, defau
 
         def counted(batch):
             calls[0] += 1
-            if calls[0] == 65:  # fold 2, epoch 1 (27 steps per epoch)
+            if calls[0] == 65:  # fold 2, epoch 1
                 os.kill(os.getpid(), signal.SIGTERM)
             return inner(batch)
         return counted

@@ -1,0 +1,248 @@
+"""The fine-tuning defaults users can trust (issue 18): the schedule chosen from the number of
+training cells, the head guard, rare types (--balance, --min_valid_per_class, the best-epoch rule),
+fold ensembles that evaluate.py averages, and --test_size 0."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ensemble
+import finetune
+import utils
+from helpers import run_script
+from model import PerformerLM, get_config
+
+FAST = ["--model", "tiny", "--amp", "none", "--batch_size", "16", "--from_scratch", "--no-pos_embed"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the schedule
+
+
+def given(**values):
+    return {"learning_rate": None, "min_lr": None, "cycle": None, "warmup": None, "lr_decay": None, "epoch": None,
+            **values}
+
+
+def test_auto_schedule_follows_the_number_of_training_cells():
+    small = utils.choose_schedule("auto", 500, given())
+    assert (small.epochs, small.schedule.learning_rate, small.schedule.warmup, small.schedule.cycle) == (24, 3e-4, 0, 24)
+    assert utils.choose_schedule("auto", 200, given()).epochs == 30  # at most 30
+    assert utils.choose_schedule("auto", 3_600, given()).epochs == 10  # at least 10
+    published = utils.choose_schedule("auto", 50_000, given())  # the size the published schedule was made for
+    assert published.epochs == 15
+    assert published.schedule == utils.Schedule(1e-4, 1e-6, 15, 5, 0.9)
+    large = utils.choose_schedule("auto", 1_000_000, given())
+    assert (large.epochs, large.schedule.learning_rate, large.schedule.warmup, large.schedule.cycle) == (2, 1e-4, 0, 2)
+    assert "1,000,000 training cells" in large.description and "--schedule published" in large.description
+    # 'published' whatever the size; a flag the user gives always wins
+    assert utils.choose_schedule("published", 500, given()).schedule == utils.Schedule(1e-4, 1e-6, 15, 5, 0.9)
+    mine = utils.choose_schedule("auto", 500, given(learning_rate=1e-3, epoch=4))
+    assert (mine.epochs, mine.schedule.learning_rate, mine.schedule.cycle) == (4, 1e-3, 4)
+    assert "given: --learning_rate, --epoch" in mine.description
+    assert utils.choose_schedule("published", 500, given(warmup=0)).schedule.warmup == 0
+    with pytest.raises(utils.InputError, match="--warmup 5 .* shorter than the cycle"):
+        utils.choose_schedule("auto", 500, given(warmup=5, epoch=4))
+
+
+def test_finetune_prints_its_schedule_and_writes_the_new_columns(tmp_path, default_subset, caplog):
+    args = finetune.build_parser().parse_args([*FAST, "--epoch", "2", "--ckpt_dir", str(tmp_path),
+                                               "--data_path", str(default_subset)])
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        finetune.main(args)
+    assert "schedule auto for 163 training cells" in caplog.text and "2 epochs, peak lr 0.0003" in caplog.text
+    metrics = pd.read_csv(tmp_path / "finetune_metrics.csv")
+    assert {"valid_types_missed", "valid_selection", "head_lifted_cells"} <= set(metrics.columns)
+    assert np.allclose(metrics["valid_selection"], metrics["valid_macro_f1"] - metrics["valid_types_missed"])
+
+
+def test_a_wrong_schedule_flag_is_one_line_and_exit_2(tmp_path, default_subset):
+    result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
+                        "--warmup", "3", "--epoch", "2")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--warmup 3" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the head guard
+
+
+def dead_classifier(seed: int = 0) -> PerformerLM:
+    torch.manual_seed(seed)
+    model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(3)
+    with torch.no_grad():
+        model.to_out.conv1.bias.fill_(-8.0)  # every per-gene score < 0: the ReLU passes nothing
+    return model
+
+
+def train_steps(model: PerformerLM, guard: finetune.HeadGuard | None, steps: int = 60) -> float:
+    """Adam at 3e-4 on a separable toy task; returns the share of genes the head's ReLU passes after."""
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(rng.integers(0, 6, size=(24, 41))).long()
+    labels = torch.from_numpy(np.arange(24) % 3)
+    tokens[:, 0] = labels + 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = finetune.classification_loss(model, None, torch.device("cpu"), utils.Precision("none", torch.device("cpu")),
+                                           guard)
+    for _ in range(steps):
+        loss, _ = loss_fn({"tokens": tokens, "label": labels})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        score = model.encode(tokens) @ model.to_out.conv1.weight.view(-1) + model.to_out.conv1.bias
+    return float((score > 0).float().mean())
+
+
+def test_the_head_guard_revives_a_dead_head_and_changes_nothing_else():
+    assert train_steps(dead_classifier(), None) == 0.0  # unguarded, a dead head stays dead: no gradient
+    model = dead_classifier()
+    guard = finetune.HeadGuard(model.to_out)
+    assert train_steps(model, guard) > 0.05
+    lifted, restarts = guard.take_counts()
+    assert lifted > 0 and restarts >= 1 and guard.take_counts() == (0, 0)
+    # a living head: the guard adds nothing, the loss is the cross-entropy alone
+    alive = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(3)
+    with torch.no_grad():
+        alive.to_out.conv1.bias.fill_(5.0)
+    guard = finetune.HeadGuard(alive.to_out)
+    tokens = torch.randint(0, 6, (4, 41))
+    before = alive.to_out.conv1.bias.clone()
+    alive(tokens)
+    assert float(guard.loss().detach()) == 0.0
+    alive(tokens)  # the next step: the bias stays as it was
+    assert torch.equal(alive.to_out.conv1.bias, before) and guard.take_counts() == (0, 0)
+    with torch.no_grad():  # not kept outside training: validation never adds to the loss
+        alive(tokens)
+    assert guard.loss() == 0.0
+    guard.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# rare types
+
+
+def test_sampler_draws_rare_types_more_often_and_the_same_each_time():
+    codes = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    weights = finetune.balanced_sample_weights(codes)
+    draw = utils.weighted_draw(weights, seed=3, epoch=2, rank=0, world_size=1)
+    assert draw == utils.weighted_draw(weights, seed=3, epoch=2, rank=0, world_size=1)
+    assert draw != utils.weighted_draw(weights, seed=3, epoch=3, rank=0, world_size=1)
+    share = np.bincount(codes[draw], minlength=3) / len(draw)
+    expected = np.sqrt([900, 90, 10]) / np.sqrt([900, 90, 10]).sum()  # square-root balancing
+    assert np.allclose(share, expected, atol=0.03) and share[2] > 5 * 0.01
+    ranks = [utils.weighted_draw(weights, 3, 2, r, 3) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and sum(map(len, ranks)) >= len(codes)
+
+
+def test_scores_count_validation_types_never_recognised():
+    truth = np.array([0, 0, 0, 1, 1, 2])
+    logits = np.eye(3)[[0, 0, 1, 1, 1, 0]].astype(np.float32)  # type 2 never called right
+    got = finetune.scores(utils.Predictions(logits, None, truth, None))
+    assert got["types_missed"] == 1
+    # an epoch recognising every type outranks one with a higher macro-F1 that misses one
+    assert 0.30 - 0 > got["macro_f1"] - got["types_missed"]
+    assert finetune.describe_selection(got["macro_f1"] - 1).startswith(f"macro-F1 {got['macro_f1']:.4f}, 1 ")
+
+
+@pytest.mark.parametrize("balance", ["weights", "sampler"])
+def test_balance_modes_train_and_are_recorded(tmp_path, default_subset, balance, caplog):
+    args = finetune.build_parser().parse_args([*FAST, "--epoch", "1", "--ckpt_dir", str(tmp_path),
+                                               "--data_path", str(default_subset), "--balance", balance])
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        best = finetune.main(args)
+    assert f"--balance {balance}" in caplog.text
+    assert torch.load(best, weights_only=True)["args"]["balance"] == balance
+
+
+# --------------------------------------------------------------------------------------------------
+# fold ensembles and --test_size 0
+
+
+def test_folds_make_an_ensemble_that_evaluate_averages(tmp_path, default_subset):
+    ckpts = tmp_path / "ckpts"
+    result = run_script("finetune.py", *FAST, "--epoch", "1", "--folds", "2", "--seed", "4",
+                        "--data_path", str(default_subset), "--ckpt_dir", str(ckpts))
+    assert result.returncode == 0, result.stderr
+    summary = pd.read_csv(ckpts / "cv_summary.csv")
+    assert list(summary["fold"].astype(str)) == ["0", "1", "mean", "sd", "ensemble"]
+    assert {"valid_accuracy", "valid_macro_f1", "test_accuracy", "test_macro_f1"} <= set(summary.columns)
+    single = utils.stratified_splits(utils.read_labels(utils.read_dataset(str(default_subset)), "celltype"),
+                                     0.2, 0.1, seed=4)
+    ens = torch.load(ckpts / "ensemble.pth", weights_only=True)
+    assert ens["ensemble"] == ["fold0/finetune_best.pth", "fold1/finetune_best.pth"]
+    assert ens["splits"]["test"] == single["test"].tolist()  # the single model's test cells
+    assert len(ens["splits"]["train"]) + len(ens["splits"]["test"]) == 234
+
+    outs = {}
+    for name, model_path in (("ensemble", None), ("fold0", ckpts / "fold0" / "finetune_best.pth"),
+                             ("fold1", ckpts / "fold1" / "finetune_best.pth")):
+        out = tmp_path / name
+        where = [] if model_path is None else ["--model_path", str(model_path)]  # none: ckpts/ensemble.pth
+        result = run_script("evaluate.py", *where, "--output_dir", str(out), "--no-umap", "--no-gene_importance",
+                            cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outs[name] = pd.read_csv(out / "predictions.csv")
+        assert ("evaluating the fold ensemble" in result.stdout) == (model_path is None)
+    probability_columns = [c for c in outs["ensemble"].columns if c.startswith("prob_")]
+    averaged = (outs["fold0"][probability_columns].to_numpy() + outs["fold1"][probability_columns].to_numpy()) / 2
+    assert np.allclose(outs["ensemble"][probability_columns].to_numpy(), averaged, atol=1e-5)
+    metrics = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
+    assert metrics["ensemble_members"] == ens["ensemble"] and metrics["n_cells"] == len(single["test"])
+    row = summary[summary["fold"].astype(str) == "ensemble"].iloc[0]
+    assert abs(row["test_accuracy"] - metrics["accuracy"]) < 1e-6
+
+    # a fold re-trained since, or an ensemble given where one checkpoint is needed: one line, exit 2
+    result = run_script("finetune.py", *FAST[:-2], "--model_path", str(ckpts / "ensemble.pth"),
+                        "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "again"))
+    assert result.returncode == 2 and "fold ensemble" in result.stderr and not (tmp_path / "again").exists()
+    member = ckpts / "fold1" / "finetune_best.pth"
+    member.write_bytes(member.read_bytes() + b"\0")
+    result = run_script("evaluate.py", "--model_path", str(ckpts / "ensemble.pth"), "--output_dir",
+                        str(tmp_path / "changed"))
+    assert result.returncode == 2 and "has changed since" in result.stderr and not (tmp_path / "changed").exists()
+
+
+def test_test_size_0_fits_on_every_labelled_cell(tmp_path, default_subset):
+    ckpts = tmp_path / "ckpts"
+    result = run_script("finetune.py", *FAST, "--epoch", "1", "--test_size", "0", "--data_path", str(default_subset),
+                        "--ckpt_dir", str(ckpts))
+    assert result.returncode == 0, result.stderr
+    splits = torch.load(ckpts / "finetune_best.pth", weights_only=True)["splits"]
+    assert len(splits["test"]) == 0 and len(splits["train"]) + len(splits["valid"]) == 234 and len(splits["valid"]) > 0
+    result = run_script("evaluate.py", "--model_path", str(ckpts / "finetune_best.pth"), "--output_dir",
+                        str(tmp_path / "out"))
+    assert result.returncode == 2 and "--all_cells" in result.stderr
+    result = run_script("finetune.py", *FAST, "--epoch", "1", "--valid_size", "0", "--data_path", str(default_subset),
+                        "--ckpt_dir", str(tmp_path / "novalid"))
+    assert result.returncode == 2 and "--valid_size" in result.stderr
+
+
+def test_ensemble_helpers():
+    a = np.array([[2.0, 0.0], [0.0, 1.0]])
+    b = np.array([[0.0, 0.0], [0.0, 3.0]])
+    mean = ensemble.mean_probabilities([a, b])
+    assert np.allclose(mean.sum(axis=1), 1) and np.allclose(mean, (ensemble.softmax(a) + ensemble.softmax(b)) / 2)
+    assert ensemble.is_ensemble({"ensemble": []}) and not ensemble.is_ensemble({"model_state_dict": {}})
+
+
+def test_resume_keeps_the_schedule_it_started_with(tmp_path, default_subset, caplog):
+    base = [*FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path)]
+    finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "2"]))  # auto: one cosine over 2 epochs
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "3", "--resume"]))
+    assert "--resume: the schedule of" in caplog.text
+    ckpt = torch.load(tmp_path / "finetune_last.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["schedule"]["cycle"] == 2 and ckpt["schedule"]["epoch"] == 3
+
+
+def test_conflicting_balance_flags_are_one_line_and_exit_2(tmp_path, default_subset):
+    result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
+                        "--class_weights", "--balance", "sampler")
+    assert result.returncode == 2 and "--class_weights is --balance weights" in result.stderr
+    assert not (tmp_path / "o").exists()
