@@ -84,3 +84,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def mean_probabilities(logits: Sequence[np.ndarray]) -> np.ndarray:
     """The members' softmax probabilities averaged (cells, classes)."""
     return np.mean([softmax(np.asarray(x, dtype=np.float64)) for x in logits], axis=0)
+
+
+def mean_log_probabilities(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The log of the members' averaged probabilities: logits whose softmax is that average."""
+    return np.log(np.maximum(mean_probabilities(logits), 1e-30))

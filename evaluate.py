@@ -159,7 +159,7 @@ def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDatas
         started = time.time()
         logits.append(utils.predict(member, dataset, batch_size, ctx, precision, num_workers).logits)
         logger.info(f"ensemble member {k} of {len(loaded.other_members) + 1}: {time.time() - started:.1f} s")
-    return np.log(np.maximum(ensemble.mean_probabilities(logits), 1e-30)).astype(np.float32)
+    return ensemble.mean_log_probabilities(logits).astype(np.float32)
 
 
 class Cells(NamedTuple):

@@ -448,7 +448,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
     ensemble_path = ckpt_dir / "ensemble.pth"
     summary = ckpt_dir / "cv_summary.csv"
     if ctx.is_main:
-        non_test = np.setdiff1d(np.concatenate([splits[0]["train"], splits[0]["valid"]]), test_rows)
+        non_test = np.sort(np.concatenate([splits[0]["train"], splits[0]["valid"]]))  # a fold's parts: all but the test
         ensemble.write_ensemble(ensemble_path, members, {
             **tuning.checkpoint_fields, "folds": len(splits),
             "splits": {"train": [int(i) for i in non_test], "valid": [], "test": [int(i) for i in test_rows]},
@@ -477,8 +477,7 @@ def summary_table(rows: list[dict[str, Any]], test_logits: list[np.ndarray], tes
     sd = {"fold": "sd", **{m: table[m].std(ddof=1) for m in metrics}}
     extra = [mean, sd]
     if test_codes is not None and test_logits:
-        averaged = ensemble.mean_probabilities(test_logits)
-        got = scores(utils.Predictions(np.log(averaged + 1e-12), None, test_codes, None))
+        got = scores(utils.Predictions(ensemble.mean_log_probabilities(test_logits), None, test_codes, None))
         extra.append({"fold": "ensemble", "n_test": len(test_codes), "test_accuracy": got["accuracy"],
                       "test_macro_f1": got["macro_f1"]})
     return pd.concat([table.astype({"fold": str}), pd.DataFrame(extra)], ignore_index=True)

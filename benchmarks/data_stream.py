@@ -68,19 +68,19 @@ def write_soma(h5ad: Path, uri: Path, chunk: int = CHUNK) -> None:
         n_cells, n_genes = (int(v) for v in f["X"].attrs["shape"])
         obs_names = np.asarray(ad.io.read_elem(f["obs"]).index, dtype=str)
         var_names = np.asarray(ad.io.read_elem(f["var"]).index, dtype=str)
+    def write_ids(collection, name: str, column: str, ids: np.ndarray) -> None:
+        """A SOMA dataframe of soma_joinid 0..n-1 and one id column."""
+        table = pa.Table.from_pandas(pd.DataFrame({"soma_joinid": np.arange(len(ids), dtype=np.int64), column: ids}),
+                                     preserve_index=False)
+        with collection.add_new_dataframe(name, schema=table.schema, index_column_names=["soma_joinid"],
+                                          domain=[[0, len(ids) - 1]]) as df:
+            df.write(table)
+
     with soma.Experiment.create(str(uri)) as exp:
-        obs = pa.Table.from_pandas(pd.DataFrame({"soma_joinid": np.arange(n_cells, dtype=np.int64),
-                                                 "obs_id": obs_names}), preserve_index=False)
-        with exp.add_new_dataframe("obs", schema=obs.schema, index_column_names=["soma_joinid"],
-                                   domain=[[0, n_cells - 1]]) as df:
-            df.write(obs)
+        write_ids(exp, "obs", "obs_id", obs_names)
         ms = exp.add_new_collection("ms")
         rna = ms.add_new_collection("RNA", soma.Measurement)
-        var = pa.Table.from_pandas(pd.DataFrame({"soma_joinid": np.arange(n_genes, dtype=np.int64),
-                                                 "var_id": var_names}), preserve_index=False)
-        with rna.add_new_dataframe("var", schema=var.schema, index_column_names=["soma_joinid"],
-                                   domain=[[0, n_genes - 1]]) as df:
-            df.write(var)
+        write_ids(rna, "var", "var_id", var_names)
         layers = rna.add_new_collection("X")
         with layers.add_new_sparse_ndarray("data", type=pa.float32(), shape=(n_cells, n_genes)) as X, \
                 h5py.File(h5ad, "r") as f:
