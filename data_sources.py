@@ -17,6 +17,7 @@ of steps; see README "Data sources").
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -33,7 +34,8 @@ import scipy.sparse as sp
 import torch
 
 from data_utils import (
-    FINGERPRINT_CELLS, InputError, checked_rows, SparseTokens, _bin_values, _gene_key, _PanelMap, _ranges_to_index, _runs,
+    FINGERPRINT_CELLS, InputError, _NAME_COLUMNS, checked_rows, SparseTokens, _bin_values, _gene_key, _PanelMap,
+    _ranges_to_index, _runs,
     _ROW_SAMPLE, _check_bin_num, evenly_spaced_rows, fingerprint_values, format_of_sample, label_strings,
     read_csr_rows, read_dataset,
 )
@@ -51,6 +53,7 @@ logger = logging.getLogger("scbert.data")
 STREAM_VALUES = 200_000_000
 BLOCK_CELLS = 256       # contiguous cells read together, the unit that is shuffled (fewer for small data)
 BLOCKS_HELD = 16        # blocks read into memory at once; a batch mixes cells of all of them
+BATCHES_DENSIFIED = 2   # consecutive batches the block loader densifies together (1 call each cost ~10% more)
 HVG_SAMPLE_CELLS = 20_000  # evenly spaced cells that the highly-variable-gene ranking of a source sees
 _PASS_ROWS = 2048       # rows per read in a pass over a whole shard (~3M values: ~50 MB of working arrays)
 _SOMA_LAYERS = ("raw", "data")
@@ -98,9 +101,15 @@ class _Shard:
         """obs of the given rows (index: cell names)."""
         raise NotImplementedError
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(data, indices, indptr) of sorted distinct rows, over this shard's columns."""
+    def read(self, rows: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(data, indices, indptr) of sorted distinct rows, over this shard's columns. A shard that
+        knows stored_values_of(rows) reads them into `out` (values, indices buffers) when given."""
         raise NotImplementedError
+
+    def stored_values_of(self, rows: np.ndarray) -> int | None:
+        """How many values read(rows) returns, when known before reading (else None)."""
+        return None
 
     def recorded_format(self) -> str | None:
         return None
@@ -146,7 +155,8 @@ class _StoreShard(_Shard):
             else:
                 import h5py
 
-                self._root_handle = h5py.File(self.path, "r")
+                # no chunk cache: blocks are read once each, and 2 MB a shard adds up over a collection
+                self._root_handle = h5py.File(self.path, "r", rdcc_nbytes=0)
             self._pid = os.getpid()
         return self._root_handle
 
@@ -155,39 +165,70 @@ class _StoreShard(_Shard):
         state["_root_handle"] = state["_pid"] = None
         return state
 
+    @contextlib.contextmanager
+    def _annotations(self):
+        """The store's root for reading obs, var and uns. An .h5ad is opened for the read and closed
+        after, with the handle kept for X closed first (it reopens on the next read of X): HDF5 caches
+        the string heaps it reads (~5 MB for 50,000 cell names) for as long as any handle holds the file,
+        which for every shard of a collection adds up to more than an epoch's working memory."""
+        if self.kind == "zarr":
+            yield self._root()
+            return
+        import h5py
+
+        if self._root_handle is not None and self._pid == os.getpid():
+            self._root_handle.close()
+        self._root_handle = None
+        with h5py.File(self.path, "r") as root:
+            yield root
+
     def var(self) -> pd.DataFrame:
-        var = ad.io.read_elem(self._root()["var"])
+        with self._annotations() as root:
+            var = ad.io.read_elem(root["var"])
         var.index = var.index.astype(str)
         return var
 
-    def _obs_group(self):
-        return self._root()["obs"]
-
     def obs_names(self) -> np.ndarray:
-        group = self._obs_group()
-        names = ad.io.read_elem(group[group.attrs["_index"]])
+        with self._annotations() as root:
+            group = root["obs"]
+            names = ad.io.read_elem(group[group.attrs["_index"]])
         return np.asarray(names, dtype=object).astype(str)  # zarr stores give numpy StringDType
 
     def obs_columns(self) -> list[str]:
-        return [str(c) for c in self._obs_group().attrs.get("column-order", [])]
+        with self._annotations() as root:
+            return [str(c) for c in root["obs"].attrs.get("column-order", [])]
 
     def obs_column(self, key: str):
         if key not in self.obs_columns():
             return None
-        return ad.io.read_elem(self._obs_group()[key])
+        with self._annotations() as root:
+            return ad.io.read_elem(root["obs"][key])
 
     def obs(self, rows: np.ndarray) -> pd.DataFrame:
-        obs = ad.io.read_elem(self._obs_group()).iloc[rows]
+        with self._annotations() as root:
+            obs = ad.io.read_elem(root["obs"]).iloc[rows]
         obs.index = obs.index.astype(str)
         return obs
 
     def recorded_format(self) -> str | None:
-        root = self._root()
-        if "uns" in root and "scbert_input_format" in root["uns"]:
-            return str(ad.io.read_elem(root["uns"]["scbert_input_format"]))
+        with self._annotations() as root:
+            if "uns" in root and "scbert_input_format" in root["uns"]:
+                return str(ad.io.read_elem(root["uns"]["scbert_input_format"]))
         return None
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _row_pointer(self) -> np.ndarray:
+        if self._indptr is None:
+            self._indptr = np.asarray(self._root()["X"]["indptr"][:], dtype=np.int64)
+        return self._indptr
+
+    def stored_values_of(self, rows: np.ndarray) -> int | None:
+        if self.dense:
+            return None
+        ptr = self._row_pointer()
+        return int((ptr[rows + 1] - ptr[rows]).sum())
+
+    def read(self, rows: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         X = self._root()["X"]
         if self.dense:
             if len(rows) == 0:
@@ -195,9 +236,7 @@ class _StoreShard(_Shard):
             starts, stops = _runs(rows)
             block = sp.csr_matrix(np.concatenate([X[a:b] for a, b in zip(starts, stops)], axis=0))
             return block.data, block.indices, block.indptr.astype(np.int64)
-        if self._indptr is None:
-            self._indptr = np.asarray(X["indptr"][:], dtype=np.int64)
-        return read_csr_rows(X["data"], X["indices"], self._indptr, rows)
+        return read_csr_rows(X["data"], X["indices"], self._row_pointer(), rows, out=out)
 
 
 class _SomaShard(_Shard):
@@ -292,7 +331,8 @@ class _SomaShard(_Shard):
         names = obs.pop(self._obs_id).astype(str) if self._obs_id else obs.index.astype(str)
         return obs.set_index(pd.Index(np.asarray(names), name=None))
 
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         joinids = self.joinids[rows]
         if len(joinids) == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
@@ -516,6 +556,15 @@ class CellSource:
 # A source on a gene panel
 # ----------------------------------------------------------------------------------------------
 
+def _gene_identifiers_digest(var: pd.DataFrame) -> str:
+    """A digest of everything a panel map reads of var (its index and the name columns, in order)."""
+    h = hashlib.sha256("\x1f".join(var.index.astype(str)).encode())
+    for col in _NAME_COLUMNS:
+        if col in var.columns:
+            h.update(f"\x1e{col}\x1e".encode() + "\x1f".join(var[col].astype(str)).encode())
+    return h.hexdigest()
+
+
 class AlignedCells:
     """A CellSource on a gene panel: each shard's columns mapped to the panel (genes outside it
     dropped, repeats summed, missing genes 0), read a block of rows at a time."""
@@ -524,13 +573,18 @@ class AlignedCells:
                  gene_map: GeneMap | None = None):
         self.source, self.panel, self.input_format = source, [str(g) for g in panel], input_format
         self.maps = []
+        by_genes: dict[str, _PanelMap] = {}  # shards with the same gene identifiers share one map
         for shard in source.shards:
-            pmap = _PanelMap(shard.var(), self.panel, gene_map)
-            try:
-                pmap.check(min_overlap)
-            except InputError as err:
-                raise InputError(f"{shard.name}: {err}") from None
-            self.maps.append(pmap)
+            var = shard.var()
+            key = _gene_identifiers_digest(var)
+            if key not in by_genes:
+                pmap = _PanelMap(var, self.panel, gene_map)
+                try:
+                    pmap.check(min_overlap)
+                except InputError as err:
+                    raise InputError(f"{shard.name}: {err}") from None
+                by_genes[key] = pmap
+            self.maps.append(by_genes[key])
         found = np.logical_and.reduce([m.found_mask for m in self.maps])
         matched = sorted({m.matched_on for m in self.maps})
         self.found_mask = found
@@ -597,8 +651,13 @@ class AlignedCells:
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(data float32, panel columns, indptr) of sorted distinct global rows on the panel; the
         columns of a row are distinct (not sorted)."""
+        parts = list(self.source.locate(rows))
+        sizes = [self.source.shards[k].stored_values_of(local) for k, _, local in parts]
+        if parts and all(n is not None for n in sizes) and \
+                all(self._canonical[k] and not self.maps[k].has_duplicates for k, _, _ in parts):
+            return self._read_in_place(parts, sizes)
         datas, cols, lengths = [], [], []
-        for k, _, local in self.source.locate(rows):
+        for k, _, local in parts:
             shard = self.source.shards[k]
             data, indices, indptr = shard.read(local)
             pmap = self.maps[k]
@@ -632,6 +691,32 @@ class AlignedCells:
         if len(datas) == 1:
             return datas[0], cols[0], indptr
         return np.concatenate(datas), np.concatenate(cols), indptr
+
+    def _read_in_place(self, parts: list, sizes: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """read() when every shard knows its values' count beforehand and maps each stored value to at
+        most one panel gene (the common case): the shards read into one pair of result buffers, and
+        columns are renumbered (unmapped values dropped) there, without concatenating per-shard arrays."""
+        values, cols = np.empty(sum(sizes), np.float32), np.empty(sum(sizes), np.int32)
+        lengths, at = [], 0
+        for (k, _, local), n in zip(parts, sizes):
+            data, indices, indptr = self.source.shards[k].read(local, out=(values[at:at + n], cols[at:at + n]))
+            if not np.may_share_memory(data, values):  # a shard that returned arrays of its own
+                values[at:at + n], cols[at:at + n] = data, indices
+            if not self._identity[k]:  # renumber to panel columns, dropping the genes not on the panel
+                panel_cols = self.maps[k].col_to_panel[cols[at:at + n]]
+                keep = panel_cols >= 0
+                if keep.all():
+                    cols[at:at + n] = panel_cols
+                else:
+                    kept_before = np.concatenate(([0], np.cumsum(keep)))
+                    n = int(kept_before[-1])
+                    values[at:at + n] = values[at:at + len(keep)][keep]
+                    cols[at:at + n] = panel_cols[keep]
+                    indptr = kept_before[indptr]
+            lengths.append(np.diff(indptr))
+            at += n
+        indptr = np.concatenate(([0], np.cumsum(np.concatenate(lengths)))).astype(np.int64)
+        return values[:at], cols[:at], indptr
 
     def read_csr(self, rows: np.ndarray) -> sp.csr_matrix:
         data, cols, indptr = self.read(rows)
@@ -728,6 +813,7 @@ class _TokenRows:
 
     def __init__(self, tokens: np.ndarray, cols: np.ndarray, indptr: np.ndarray):
         self.tokens, self.cols, self.indptr = tokens, cols, indptr
+        self._matrix = None  # the rows as a scipy CSR matrix, made on the first dense_batch
 
     @property
     def n(self) -> int:
@@ -755,12 +841,15 @@ class _TokenRows:
         positions = np.repeat(np.arange(self.n, dtype=np.int64) * seq_len, np.diff(self.indptr)) + self.cols
         return SparseTokens(self.n, seq_len, positions, self.tokens)
 
-    def dense_rows(self, order: np.ndarray, seq_len: int) -> SparseTokens:
-        """The given rows, in that order, as one batch (take + dense without the intermediate copy)."""
-        starts, stops = self.indptr[order], self.indptr[order + 1]
-        pick = _ranges_to_index(starts, stops)
-        positions = np.repeat(np.arange(len(order), dtype=np.int64) * seq_len, stops - starts) + self.cols[pick]
-        return SparseTokens(len(order), seq_len, positions, self.tokens[pick])
+    def dense_batch(self, order: np.ndarray, seq_len: int) -> torch.Tensor:
+        """The given rows, in that order, as one dense uint8 batch (rows, seq_len). scipy's compiled row
+        selection and densification do it in two passes over the batch's values (numpy's flat-position
+        scatter took about six); a row's columns are distinct, so nothing is summed."""
+        if self._matrix is None:
+            index = np.int32 if max(len(self.tokens), seq_len) < np.iinfo(np.int32).max else np.int64
+            self._matrix = sp.csr_matrix((self.tokens, self.cols.astype(index, copy=False),
+                                          self.indptr.astype(index, copy=False)), shape=(self.n, seq_len))
+        return torch.from_numpy(self._matrix[np.asarray(order, dtype=np.int64)].toarray())
 
 
 class StreamedTokens(torch.utils.data.Dataset):
@@ -884,7 +973,9 @@ def epoch_plan(indices: np.ndarray, offsets: np.ndarray, block_size: int, blocks
         fetches.append(position)
         items = np.concatenate((items, source_items[extra]))
         blocks = np.concatenate((blocks, source_blocks[extra]))
-    return EpochOrder(items.astype(np.int64), np.asarray(fetches, dtype=np.int64), blocks.astype(np.int64))
+    # int32 where it fits: at a million cells the two arrays are a sizeable part of what grows with the data
+    index = np.int32 if len(indices) < np.iinfo(np.int32).max else np.int64
+    return EpochOrder(items.astype(index), np.asarray(fetches, dtype=np.int64), blocks.astype(index))
 
 
 class BlockLoader:
@@ -921,11 +1012,19 @@ class BlockLoader:
                 else:
                     held, at = fetched, inverse.astype(np.int64)
                 f += 1
-            batch_rows = ds.indices[items[position:stop]]
-            tokens = held.dense_rows(at[:stop - position], ds.seq_len).dense()
-            batch = {"tokens": tokens, "index": torch.from_numpy(np.array(batch_rows, np.int64))}
-            if ds.labels is not None:
-                batch["label"] = torch.from_numpy(ds.labels[batch_rows])
-            yield batch
-            at = at[stop - position:]
-            position = stop
+            # densify up to BATCHES_DENSIFIED whole batches that the held rows cover in one call (each
+            # batch a view of its rows): one call a batch spent more on scipy's overhead than on the values
+            limit = min(len(items), position + BATCHES_DENSIFIED * b)
+            if position + len(at) < limit:
+                limit = max(stop, position + (len(at) // b) * b)
+            dense = held.dense_batch(at[:limit - position], ds.seq_len)
+            for first in range(position, limit, b):
+                last = min(first + b, limit)
+                batch_rows = ds.indices[items[first:last]]
+                batch = {"tokens": dense[first - position:last - position],
+                         "index": torch.from_numpy(np.array(batch_rows, np.int64))}
+                if ds.labels is not None:
+                    batch["label"] = torch.from_numpy(ds.labels[batch_rows])
+                yield batch
+            at = at[limit - position:]
+            position = limit

@@ -287,12 +287,26 @@ class _RowReader:
             self._file = None
 
 
+def _read_span(array, lo: int, hi: int, dest: np.ndarray) -> None:
+    """array[lo:hi] into dest (hi - lo values, C-contiguous): h5py reads straight into it when the
+    dtypes agree (no intermediate array); anything else is read, then cast on assignment."""
+    if hi <= lo:
+        return
+    if hasattr(array, "read_direct") and array.dtype == dest.dtype:
+        array.read_direct(dest, np.s_[lo:hi])
+    else:
+        dest[...] = array[lo:hi]
+
+
 def read_csr_rows(data, indices, indptr: np.ndarray, rows: np.ndarray,
-                  merge_gap: int = _RowReader._MERGE_GAP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  merge_gap: int = _RowReader._MERGE_GAP,
+                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data, indices, indptr) of sorted distinct `rows` of a CSR matrix stored as three arrays that
     slice like numpy (h5py datasets, zarr arrays; `indptr` in memory, int64). Runs of wanted rows
     closer than merge_gap stored values are read as one span: one large read is far cheaper than
-    many small ones."""
+    many small ones. Each span is read into its place in the result (no concatenation); with `out`,
+    (values, indices) buffers of at least the rows' stored values, the result is views of them (cast
+    to their dtypes)."""
     if len(rows) == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64)
     run_start, run_stop = _runs(rows)
@@ -302,23 +316,30 @@ def read_csr_rows(data, indices, indptr: np.ndarray, rows: np.ndarray,
     cut = np.flatnonzero(gap > merge_gap) + 1
     span_start = run_start[np.concatenate(([0], cut))]
     span_stop = run_stop[np.concatenate((cut - 1, [len(run_stop) - 1]))]
-    datas, idxs = [], []
-    row_span = np.searchsorted(span_stop, rows, side="right")  # span number of each wanted row
-    for s, (a, b) in enumerate(zip(span_start, span_stop)):
-        lo, hi = ptr[a], ptr[b]
-        d = data[lo:hi]
-        ix = indices[lo:hi]
-        want = rows[row_span == s]
-        if len(want) != b - a:  # keep only the wanted rows of the span
-            take = _ranges_to_index(ptr[want] - lo, ptr[want + 1] - lo)
-            d, ix = d[take], ix[take]
-        datas.append(d)
-        idxs.append(ix)
     lengths = ptr[rows + 1] - ptr[rows]
     row_ptr = np.concatenate(([0], np.cumsum(lengths)))
-    if len(datas) == 1:  # the streaming case: one span, no copy
-        return datas[0], idxs[0], row_ptr
-    return np.concatenate(datas), np.concatenate(idxs), row_ptr
+    total = int(row_ptr[-1])
+    if out is None and len(span_start) == 1 and span_stop[0] - span_start[0] == len(rows):
+        lo, hi = ptr[span_start[0]], ptr[span_stop[0]]  # the streaming case: one span of every row, as read
+        return data[lo:hi], indices[lo:hi], row_ptr
+    if out is None:
+        out = (np.empty(total, dtype=data.dtype), np.empty(total, dtype=indices.dtype))
+    values, cols = out[0][:total], out[1][:total]
+    row_span = np.searchsorted(span_stop, rows, side="right")  # span number of each wanted row
+    at = 0
+    for s, (a, b) in enumerate(zip(span_start, span_stop)):
+        lo, hi = int(ptr[a]), int(ptr[b])
+        want = rows[row_span == s]
+        if len(want) == b - a:  # every row of the span: straight into place
+            _read_span(data, lo, hi, values[at:at + hi - lo])
+            _read_span(indices, lo, hi, cols[at:at + hi - lo])
+            at += hi - lo
+            continue
+        take = _ranges_to_index(ptr[want] - lo, ptr[want + 1] - lo)
+        values[at:at + len(take)] = data[lo:hi][take]
+        cols[at:at + len(take)] = indices[lo:hi][take]
+        at += len(take)
+    return values, cols, row_ptr
 
 
 def evenly_spaced_rows(n: int, most: int) -> np.ndarray:

@@ -108,6 +108,44 @@ def test_each_source_gives_the_in_memory_tokens(collection, kind, monkeypatch):
     assert list(source.obs(np.arange(3, 9)).index) == list(adata.obs_names[3:9])
 
 
+@pytest.mark.parametrize("kind", ["folder", "zarr", "soma", "large h5ad"])
+def test_a_panel_that_leaves_out_genes_gives_the_in_memory_tokens_of_scattered_rows(collection, kind, monkeypatch):
+    """Values of genes off the panel are dropped where the shards read them (in place for .h5ad/.zarr)."""
+    adata, paths = collection
+    fmt = utils.detect_input_format(adata)
+    panel = list(adata.var_names[::3][::-1]) + ["NOT_A_GENE"]
+    reference = utils.tokenize(data_utils.align_to_panel(adata, panel, input_format=fmt), 5, fmt)
+    rows = np.sort(np.random.default_rng(3).choice(adata.n_obs, adata.n_obs // 3, replace=False))
+    aligned = utils.align_to_panel(open_source(kind, paths[kind], monkeypatch), panel, input_format=fmt)
+    assert np.array_equal(aligned.token_dataset(5).tokens_of_rows(rows), reference[rows])
+    assert np.array_equal(aligned.read_csr(rows).toarray(),
+                          data_utils.align_to_panel(adata, panel, input_format=fmt).X[rows].toarray())
+
+
+def test_csr_rows_are_read_span_by_span_into_place(tmp_path):
+    """read_csr_rows: rows far apart are separate spans, rows close together one span with the unwanted
+    rows dropped; h5py datasets are read straight into the result, `out` buffers are filled and cast."""
+    import h5py
+
+    X = sp.random(400, 60, density=0.3, format="csr", random_state=np.random.default_rng(0), dtype=np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["data"], f["indices"] = X.data, X.indices
+    rows = np.array([0, 1, 2, 5, 6, 150, 151, 399])
+    expected = X[rows]
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        for data, indices in [(X.data, X.indices), (f["data"], f["indices"])]:
+            for gap in (0, 10, 1 << 20):
+                values, cols, ptr = data_utils.read_csr_rows(data, indices, X.indptr.astype(np.int64), rows, gap)
+                got = sp.csr_matrix((values, cols, ptr), shape=(len(rows), 60))
+                assert np.array_equal(got.toarray(), expected.toarray())
+            buffers = (np.full(expected.nnz + 5, -1, np.float64), np.full(expected.nnz + 5, -1, np.int64))
+            values, cols, ptr = data_utils.read_csr_rows(data, indices, X.indptr.astype(np.int64), rows, 10,
+                                                         out=buffers)
+            assert np.shares_memory(values, buffers[0]) and np.shares_memory(cols, buffers[1])
+            assert np.array_equal(values, expected.data) and np.array_equal(cols, expected.indices)
+            assert (buffers[0][expected.nnz:] == -1).all()
+
+
 def test_a_single_h5ad_streamed_keeps_its_in_memory_fingerprint(collection, monkeypatch):
     adata, paths = collection
     in_memory = utils.open_cells(paths["large h5ad"])
