@@ -287,12 +287,12 @@ class _RowReader:
             self._file = None
 
 
-def _read_span(array, lo: int, hi: int, dest: np.ndarray) -> None:
-    """array[lo:hi] into dest (hi - lo values, C-contiguous): h5py reads straight into it when the
-    dtypes agree (no intermediate array); anything else is read, then cast on assignment."""
+def _read_span(array, lo: int, hi: int, dest: np.ndarray, direct: bool) -> None:
+    """array[lo:hi] into dest (hi - lo values, C-contiguous): with `direct` (an h5py dataset of dest's
+    dtype) straight into it, with no intermediate array; anything else is read, then cast on assignment."""
     if hi <= lo:
         return
-    if hasattr(array, "read_direct") and array.dtype == dest.dtype:
+    if direct:
         array.read_direct(dest, np.s_[lo:hi])
     else:
         dest[...] = array[lo:hi]
@@ -325,14 +325,17 @@ def read_csr_rows(data, indices, indptr: np.ndarray, rows: np.ndarray,
     if out is None:
         out = (np.empty(total, dtype=data.dtype), np.empty(total, dtype=indices.dtype))
     values, cols = out[0][:total], out[1][:total]
+    # (h5py looks a dataset's dtype up anew at each access: once per call, not once per span)
+    direct_values = hasattr(data, "read_direct") and data.dtype == values.dtype
+    direct_cols = hasattr(indices, "read_direct") and indices.dtype == cols.dtype
     row_span = np.searchsorted(span_stop, rows, side="right")  # span number of each wanted row
     at = 0
     for s, (a, b) in enumerate(zip(span_start, span_stop)):
         lo, hi = int(ptr[a]), int(ptr[b])
         want = rows[row_span == s]
         if len(want) == b - a:  # every row of the span: straight into place
-            _read_span(data, lo, hi, values[at:at + hi - lo])
-            _read_span(indices, lo, hi, cols[at:at + hi - lo])
+            _read_span(data, lo, hi, values[at:at + hi - lo], direct_values)
+            _read_span(indices, lo, hi, cols[at:at + hi - lo], direct_cols)
             at += hi - lo
             continue
         take = _ranges_to_index(ptr[want] - lo, ptr[want + 1] - lo)
