@@ -171,7 +171,7 @@ class _StoreShard(_Shard):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_root_handle"] = state["_pid"] = None
+        state["_root_handle"] = state["_pid"] = state["_csr_arrays"] = None
         return state
 
     @contextlib.contextmanager

@@ -122,6 +122,20 @@ def test_a_panel_that_leaves_out_genes_gives_the_in_memory_tokens_of_scattered_r
                           data_utils.align_to_panel(adata, panel, input_format=fmt).X[rows].toarray())
 
 
+@pytest.mark.parametrize("kind", ["folder", "zarr", "soma"])
+def test_a_source_that_has_read_cells_pickles_for_worker_processes(collection, kind, monkeypatch):
+    """A DataLoader started by spawn or forkserver pickles the dataset: open handles stay behind."""
+    import pickle
+
+    adata, paths = collection
+    aligned = utils.align_to_panel(open_source(kind, paths[kind], monkeypatch), list(adata.var_names))
+    rows = np.arange(0, adata.n_obs, 7)
+    dataset = aligned.token_dataset(5)
+    before = dataset.tokens_of_rows(rows)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert np.array_equal(copy.tokens_of_rows(rows), before)
+
+
 def test_csr_rows_are_read_span_by_span_into_place(tmp_path):
     """read_csr_rows: rows far apart are separate spans, rows close together one span with the unwanted
     rows dropped; h5py datasets are read straight into the result, `out` buffers are filled and cast."""
