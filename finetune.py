@@ -148,7 +148,8 @@ def schedule_flags(args: argparse.Namespace, ckpt_dir: Path) -> dict[str, Any]:
     if args.resume:
         last = next((p for p in (ckpt_dir / "finetune_last.pth", ckpt_dir / "fold0" / "finetune_last.pth")
                      if p.is_file()), None)
-        stored = utils.read_checkpoint(last).get("schedule") if last is not None else None
+        # mapped, not read: the weights are read once, when train_split resumes from this file
+        stored = utils.read_checkpoint(last, mmap=True).get("schedule") if last is not None else None
         if stored:
             given = {k: (v if v is not None else stored.get(k)) for k, v in given.items()}
             logger.info(f"--resume: the schedule of {last} ({', '.join(f'{k} {stored[k]:g}' for k in SCHEDULE_FLAGS if k in stored)}) "

@@ -608,17 +608,19 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", allow_ensemble: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", allow_ensemble: bool = False,
+                    mmap: bool = False) -> dict[str, Any]:
     """The checkpoint dict, with the model weights under `model_state_dict` and wrapper prefixes
     stripped. Accepts a bare state dict too, and with allow_ensemble a fold-ensemble file
     (ensemble.py: a list of checkpoints, returned as read). Any unreadable file raises one clear
-    InputError."""
+    InputError. mmap: the tensors are mapped, not read (for a look at the checkpoint's other fields;
+    files in torch.save's zip format, as this project writes them)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; pass --model_path with a .pth file "
                          f"written by pretrain.py/finetune.py or a published scBERT checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "unsupported global" not in str(err).lower():  # other failures: not a torch.save file
             raise InputError(f"{path} is not a readable PyTorch checkpoint (the file is not in torch.save "
