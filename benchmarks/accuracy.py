@@ -137,10 +137,11 @@ def predicted_types(folder: Path) -> int:
     return int(table[column].nunique())
 
 
-def one_method(name: str, method: str, seed: int, args, out: Path) -> dict | None:
-    """Trains and scores one (dataset, method, seed) unless finished; its record, or None."""
+def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 0) -> dict | None:
+    """Trains and scores one (dataset, method, seed) unless finished (the ensemble: of `folds` folds);
+    its record, or None."""
     path, label_key, extra = DATASETS[name]
-    folder = out / name / (f"ensemble_{args.folds}" if method == "ensemble" else method) / f"seed_{seed}"
+    folder = out / name / (f"ensemble_{folds}" if method == "ensemble" else method) / f"seed_{seed}"
     metrics_path = folder / "eval" / "metrics.json"
     if not metrics_path.is_file():
         if args.collect:
@@ -158,7 +159,7 @@ def one_method(name: str, method: str, seed: int, args, out: Path) -> dict | Non
         if method in ("weights", "sampler"):  # the study that chose the --balance default
             start += ["--balance", method]
         if method == "ensemble":
-            start += ["--folds", str(args.folds)]
+            start += ["--folds", str(folds)]
             model_path = folder / "ensemble.pth"
         seconds = run(script("finetune.py") + data_flags(path, label_key) + start +
                       ["--seed", str(seed), "--ckpt_dir", str(folder)], folder / "finetune_log.txt")
@@ -170,7 +171,8 @@ def one_method(name: str, method: str, seed: int, args, out: Path) -> dict | Non
     metrics = json.loads(metrics_path.read_text())
     seconds_file = folder / "finetune_seconds.txt"
     revision_file = folder / "revision.txt"
-    return {"dataset": name, "seed": seed, "method": method, "n_test": metrics["n_cells"],
+    return {"dataset": name, "seed": seed, "method": f"ensemble K={folds}" if method == "ensemble" else method,
+            "n_test": metrics["n_cells"],
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "baseline_accuracy": metrics["baseline"]["accuracy"], "baseline_macro_f1": metrics["baseline"]["macro_f1"],
             "predicted_types": predicted_types(folder),
@@ -240,6 +242,19 @@ def report(table, args, minutes: float) -> str:
                          f"{row['accuracy'].iloc[0]:.3f} / {row['macro_f1'].iloc[0]:.3f} "
                          f"({row['baseline_accuracy'].iloc[0]:.3f} / {row['baseline_macro_f1'].iloc[0]:.3f})")
         lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    # each method against the single model from scratch on the same test cells (same seed): does pretraining
+    # on other cells help, does the ensemble beat the single model, does a --balance mode help
+    compared = []
+    for (name, method), part in table.groupby(["dataset", "method"], sort=False):
+        scratch = table[(table["dataset"] == name) & (table["method"] == "scratch")]
+        both = part.merge(scratch, on="seed", suffixes=("", "_scratch"))
+        if method != "scratch" and len(both):
+            compared.append(f"| {name} | {method} − scratch | {paired(both['accuracy'] - both['accuracy_scratch'])} | "
+                            f"{paired(both['macro_f1'] - both['macro_f1_scratch'])} | "
+                            f"{', '.join(map(str, both['seed']))} |")
+    if compared:
+        lines += ["", "Against the single model from scratch, paired over the seeds both have (same test cells):", "",
+                  "| data | difference | accuracy | macro-F1 | seeds |", "|---|---|---|---|---|", *compared]
     lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}. The ensemble's "
               "regression column is `evaluate.py --baseline` on the ensemble file: trained on all non-test cells at "
               "C = 1 (no validation cells are left to choose C), so compare the ensemble with the single model of "
@@ -256,7 +271,7 @@ def main() -> None:
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ", ".join(DATASETS))
     p.add_argument("--seeds", default="2021,2022,2023")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--folds", type=int, default=3, help="K of the ensemble method")
+    p.add_argument("--folds", default="3", help="K of the ensemble method (comma-separated: one ensemble each)")
     p.add_argument("--collect", action="store_true", help="run nothing: the tables from the finished runs")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
@@ -273,10 +288,11 @@ def main() -> None:
             print(f"skipping {name}: {DATASETS[name][0]} is absent")
             continue
         for method in methods:
-            for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-                record = one_method(name, method, seed, args, out)
-                if record is not None:
-                    records.append(record)
+            for k in ([int(f) for f in args.folds.split(",") if f.strip()] if method == "ensemble" else [0]):
+                for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+                    record = one_method(name, method, seed, args, out, k)
+                    if record is not None:
+                        records.append(record)
     import pandas as pd
 
     table = pd.DataFrame(records)
