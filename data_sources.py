@@ -34,8 +34,7 @@ import scipy.sparse as sp
 import torch
 
 from data_utils import (
-    FINGERPRINT_CELLS, InputError, _NAME_COLUMNS, checked_rows, SparseTokens, _bin_values, _gene_key, _PanelMap,
-    _ranges_to_index, _runs,
+    FINGERPRINT_CELLS, InputError, _NAME_COLUMNS, checked_rows, _bin_values, _gene_key, _PanelMap, _runs,
     _ROW_SAMPLE, _check_bin_num, evenly_spaced_rows, fingerprint_values, format_of_sample, label_strings,
     read_csr_rows, read_dataset,
 )
@@ -572,6 +571,18 @@ class CellSource:
 # A source on a gene panel
 # ----------------------------------------------------------------------------------------------
 
+def _on_panel(pmap: _PanelMap, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows with each stored column mapped to at most one panel gene, on the panel: (data, panel
+    columns, indptr), the values of genes off the panel dropped (data itself when none is)."""
+    panel_cols = pmap.col_to_panel[indices]
+    keep = panel_cols >= 0
+    if keep.all():
+        return data, panel_cols, indptr
+    kept_before = np.concatenate(([0], np.cumsum(keep)))
+    return data[keep], panel_cols[keep], kept_before[indptr]
+
+
 def _gene_identifiers_digest(var: pd.DataFrame) -> str:
     """A digest of everything a panel map reads of var (its index and the name columns, in order)."""
     h = hashlib.sha256("\x1f".join(var.index.astype(str)).encode())
@@ -685,11 +696,7 @@ class AlignedCells:
                     cols.append(np.asarray(indices, dtype=np.int32))
                     lengths.append(np.diff(indptr))
                     continue
-                panel_cols = pmap.col_to_panel[indices]
-                keep = panel_cols >= 0
-                if not keep.all():
-                    kept_before = np.concatenate(([0], np.cumsum(keep)))
-                    data, panel_cols, indptr = data[keep], panel_cols[keep], kept_before[indptr]
+                data, panel_cols, indptr = _on_panel(pmap, data, indices, indptr)
                 datas.append(np.asarray(data, dtype=np.float32))
                 cols.append(panel_cols.astype(np.int32))
                 lengths.append(np.diff(indptr))
@@ -716,19 +723,12 @@ class AlignedCells:
         lengths, at = [], 0
         for (k, _, local), n in zip(parts, sizes):
             data, indices, indptr = self.source.shards[k].read(local, out=(values[at:at + n], cols[at:at + n]))
-            if not np.may_share_memory(data, values):  # a shard that returned arrays of its own
-                values[at:at + n], cols[at:at + n] = data, indices
-            if not self._identity[k]:  # renumber to panel columns, dropping the genes not on the panel
-                panel_cols = self.maps[k].col_to_panel[cols[at:at + n]]
-                keep = panel_cols >= 0
-                if keep.all():
-                    cols[at:at + n] = panel_cols
-                else:
-                    kept_before = np.concatenate(([0], np.cumsum(keep)))
-                    n = int(kept_before[-1])
-                    values[at:at + n] = values[at:at + len(keep)][keep]
-                    cols[at:at + n] = panel_cols[keep]
-                    indptr = kept_before[indptr]
+            if not self._identity[k]:  # renumber to panel columns (in place), dropping genes not on the panel
+                kept, panel_cols, indptr = _on_panel(self.maps[k], data, indices, indptr)
+                if len(kept) < n:
+                    values[at:at + len(kept)] = kept
+                n = len(kept)
+                cols[at:at + n] = panel_cols
             lengths.append(np.diff(indptr))
             at += n
         indptr = np.concatenate(([0], np.cumsum(np.concatenate(lengths)))).astype(np.int64)
@@ -835,17 +835,6 @@ class _TokenRows:
     def n(self) -> int:
         return len(self.indptr) - 1
 
-    def take(self, order: np.ndarray) -> _TokenRows:
-        """The rows in the given order."""
-        starts, stops = self.indptr[order], self.indptr[order + 1]
-        pick = _ranges_to_index(starts, stops)
-        return _TokenRows(self.tokens[pick], self.cols[pick],
-                          np.concatenate(([0], np.cumsum(stops - starts))).astype(np.int64))
-
-    def dense(self, seq_len: int) -> SparseTokens:
-        positions = np.repeat(np.arange(self.n, dtype=np.int64) * seq_len, np.diff(self.indptr)) + self.cols
-        return SparseTokens(self.n, seq_len, positions, self.tokens)
-
     def dense_batch(self, order: np.ndarray, seq_len: int) -> torch.Tensor:
         """The given rows, in that order, as one dense uint8 batch (rows, seq_len). scipy's compiled row
         selection and densification do it in two passes over the batch's values (numpy's flat-position
@@ -876,25 +865,24 @@ class StreamedTokens(torch.utils.data.Dataset):
         return len(self.indices)
 
     def token_rows(self, rows: np.ndarray) -> _TokenRows:
-        """Token rows of global rows in the order given (read sorted, once each)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        data, cols, indptr = self.cells.read(uniq)
-        block = _TokenRows(_bin_rows(data, indptr, self.input_format, self.bin_num), cols, indptr)
-        return block if len(uniq) == len(rows) and np.array_equal(uniq, rows) else block.take(inverse)
+        """Token rows of sorted distinct global rows."""
+        data, cols, indptr = self.cells.read(np.asarray(rows, dtype=np.int64))
+        return _TokenRows(_bin_rows(data, indptr, self.input_format, self.bin_num), cols, indptr)
+
+    def dense_tokens(self, rows: np.ndarray) -> torch.Tensor:
+        """Dense uint8 tokens (len(rows), seq_len) of global rows in the order given (read sorted, once each)."""
+        uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return self.token_rows(uniq).dense_batch(inverse, self.seq_len)
 
     def tokens_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        return self.token_rows(rows).dense(self.seq_len).dense().numpy()
-
-    def collate(self, rows: np.ndarray, block: _TokenRows) -> dict:
-        batch = {"tokens": block.dense(self.seq_len).dense(), "index": torch.from_numpy(np.array(rows, np.int64))}
-        if self.labels is not None:
-            batch["label"] = torch.from_numpy(self.labels[rows])
-        return batch
+        return self.dense_tokens(rows).numpy()
 
     def get_batch(self, items: Sequence[int]) -> dict:
         rows = self.indices[np.asarray(items, dtype=np.int64).reshape(-1)]
-        return self.collate(rows, self.token_rows(rows))
+        batch = {"tokens": self.dense_tokens(rows), "index": torch.from_numpy(np.array(rows, np.int64))}
+        if self.labels is not None:
+            batch["label"] = torch.from_numpy(self.labels[rows])
+        return batch
 
     def __getitem__(self, i):
         if isinstance(i, (list, tuple, np.ndarray, torch.Tensor)):
