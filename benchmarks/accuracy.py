@@ -19,8 +19,11 @@ model trained on (for the ensemble: all non-test cells, at C = 1). The union pre
 dataset it is fine-tuned on. Finished runs are kept (their eval/metrics.json) and skipped on a re-run;
 --collect only writes the tables from what has finished.
 
-Writes benchmarks/results_accuracy.md and benchmarks/out/accuracy/runs.csv. Heavy on 2 CPU cores (one
-PBMC3k run is ~15-25 min); `--datasets pbmc68k_reduced --seeds 2021 --methods scratch` is one run.
+Writes benchmarks/results_accuracy.md and benchmarks/out/accuracy_defaults/runs.csv, and keeps a record of
+every finished run in benchmarks/results_accuracy_runs.csv (in git: the run folders are a cache, and a
+run whose folder is gone still counts in the tables from its record; a run finished again replaces its
+record). Heavy on 2 CPU cores (one PBMC3k run is ~15-25 min); `--datasets pbmc68k_reduced --seeds 2021
+--methods scratch` is one run.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
+RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
+RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
 METHODS = ("scratch", "ensemble", "union", "weights", "sampler")  # weights/sampler: scratch with that --balance
 
@@ -192,6 +197,47 @@ def revision() -> str:
         return "?"
 
 
+def method_labels(methods, folds) -> list[str]:
+    """The method column's values for these methods (the ensemble once per K), in table order."""
+    return [f"ensemble K={k}" if m == "ensemble" else m
+            for m in methods for k in (folds if m == "ensemble" else [0])]
+
+
+def merge_records(fresh, kept_path: Path, datasets, labels, seeds):
+    """The runs finished here (`fresh`) and, for the asked datasets, method labels and seeds, the kept
+    records of runs whose folders are gone; a run in both is taken from `fresh`. Sorted as asked."""
+    import pandas as pd
+
+    kept = pd.read_csv(kept_path) if kept_path.is_file() else pd.DataFrame(columns=list(fresh.columns) or RUN_KEY)
+    kept = kept[kept["dataset"].isin(datasets) & kept["method"].isin(labels) & kept["seed"].isin(seeds)]
+    if len(fresh) and len(kept):
+        kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
+    parts = [t for t in (fresh, kept) if len(t)]
+    if not parts:
+        return fresh
+    table = pd.concat(parts, ignore_index=True)
+    order = {"dataset": {d: i for i, d in enumerate(datasets)}, "method": {m: i for i, m in enumerate(labels)}}
+    rank = table["dataset"].map(order["dataset"]) * 1000 + table["method"].map(order["method"])
+    return table.assign(_rank=rank).sort_values(["_rank", "seed"], kind="stable").drop(columns="_rank") \
+        .reset_index(drop=True)
+
+
+def keep_records(fresh, kept_path: Path) -> None:
+    """Adds the runs finished here to the kept records (replacing a run's older record), atomically."""
+    import pandas as pd
+
+    if not len(fresh):
+        return
+    kept = pd.read_csv(kept_path) if kept_path.is_file() else pd.DataFrame(columns=fresh.columns)
+    if len(kept):
+        kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
+    table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
+    table = table.sort_values(RUN_KEY, kind="stable")
+    partial = kept_path.with_name(kept_path.name + ".partial")
+    table.to_csv(partial, index=False, float_format="%.6g")
+    os.replace(partial, kept_path)
+
+
 def fmt(values) -> str:
     v = np.asarray(list(values), dtype=float)
     if len(v) == 0:
@@ -207,7 +253,14 @@ def paired(diff) -> str:
     return f"{d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(len(d)):.3f})"
 
 
-def report(table, args, minutes: float) -> str:
+def known(values, how: str, spec: str) -> str:
+    """min or mean of the values that are known ('-' when none is: a record carried over without it)."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    return "-" if not len(v) else format(float(getattr(v, how)()), spec)
+
+
+def report(table, args, minutes: float, carried: int = 0) -> str:
     lines = [
         "# Cell-type annotation accuracy with the default flags: scBERT vs L1 logistic regression",
         "",
@@ -229,8 +282,8 @@ def report(table, args, minutes: float) -> str:
             f"| {name} | {method} | {fmt(part['accuracy'])} | {fmt(part['macro_f1'])} | "
             f"{fmt(part['baseline_accuracy'])} | {fmt(part['baseline_macro_f1'])} | "
             f"{paired(part['accuracy'] - part['baseline_accuracy'])} | "
-            f"{paired(part['macro_f1'] - part['baseline_macro_f1'])} | {int(part['predicted_types'].min())} | "
-            f"{len(part)} | {np.nanmean(part['finetune_seconds']) / 60:.1f} |")
+            f"{paired(part['macro_f1'] - part['baseline_macro_f1'])} | {known(part['predicted_types'], 'min', '.0f')} | "
+            f"{len(part)} | {known(part['finetune_seconds'] / 60, 'mean', '.1f')} |")
     lines += ["", "Per seed (accuracy / macro-F1; regression in brackets):", "",
               "| data | method | " + " | ".join(args.seeds.split(",")) + " |",
               "|---|---|" + "---|" * len(args.seeds.split(","))]
@@ -255,7 +308,9 @@ def report(table, args, minutes: float) -> str:
     if compared:
         lines += ["", "Against the single model from scratch, paired over the seeds both have (same test cells):", "",
                   "| data | difference | accuracy | macro-F1 | seeds |", "|---|---|---|---|---|", *compared]
-    lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}. The ensemble's "
+    lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}."
+              + (f" {carried} of the {len(table)} runs are from their records in {RECORDS.name} (their run folders are "
+                 f"not here; a '-' is what a record lacks)." if carried else "") + " The ensemble's "
               "regression column is `evaluate.py --baseline` on the ensemble file: trained on all non-test cells at "
               "C = 1 (no validation cells are left to choose C), so compare the ensemble with the single model of "
               "the same seed (same test cells).",
@@ -295,13 +350,19 @@ def main() -> None:
                         records.append(record)
     import pandas as pd
 
-    table = pd.DataFrame(records)
+    fresh = pd.DataFrame(records)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "runs.csv", index=False)
+    fresh.to_csv(out / "runs.csv", index=False)
+    records_path = RECORDS if out == OUT.resolve() else out / RECORDS.name
+    keep_records(fresh, records_path)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    folds = [int(f) for f in args.folds.split(",") if f.strip()]
+    table = merge_records(fresh, records_path, [d.strip() for d in args.datasets.split(",") if d.strip()],
+                          method_labels(methods, folds), seeds)
     if not len(table):
         print("no finished runs")
         return
-    text = report(table, args, (time.time() - started) / 60)
+    text = report(table, args, (time.time() - started) / 60, carried=len(table) - len(fresh))
     results = ROOT / "benchmarks" / "results_accuracy.md" if out == OUT.resolve() else out / "results_accuracy.md"
     results.write_text(text)
     print(text)

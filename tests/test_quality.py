@@ -246,3 +246,43 @@ def test_conflicting_balance_flags_are_one_line_and_exit_2(tmp_path, default_sub
                         "--class_weights", "--balance", "sampler")
     assert result.returncode == 2 and "--class_weights is --balance weights" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts(tmp_path):
+    """benchmarks/accuracy.py: every finished run is kept as a record (in git), so the tables survive the
+    run folders (a cache); a run finished again replaces its record, and only the asked runs are shown."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def record(method, seed, accuracy, dataset="pbmc68k_reduced"):
+        return {"dataset": dataset, "seed": seed, "method": method, "accuracy": accuracy, "macro_f1": accuracy - 0.1,
+                "baseline_accuracy": 0.8, "baseline_macro_f1": 0.7, "predicted_types": 9, "revision": "r1"}
+
+    kept = tmp_path / "runs.csv"
+    bench.keep_records(pd.DataFrame([record("scratch", 2021, 0.81), record("scratch", 2022, 0.82),
+                                     record("ensemble K=3", 2021, 0.83), record("scratch", 2021, 0.9,
+                                                                                "pbmc3k_silver")]), kept)
+    fresh = pd.DataFrame([record("scratch", 2022, 0.85), record("weights", 2021, 0.84)])
+    bench.keep_records(fresh, kept)
+    on_disk = pd.read_csv(kept)
+    assert len(on_disk) == 5 and not list(tmp_path.glob("*.partial"))
+    assert on_disk.set_index(["dataset", "method", "seed"]).loc[("pbmc68k_reduced", "scratch", 2022), "accuracy"] == 0.85
+
+    labels = bench.method_labels(["scratch", "ensemble", "weights"], [3, 5])
+    assert labels == ["scratch", "ensemble K=3", "ensemble K=5", "weights"]
+    table = bench.merge_records(fresh, kept, ["pbmc68k_reduced"], labels, [2021, 2022])
+    assert list(zip(table["method"], table["seed"], table["accuracy"])) == [
+        ("scratch", 2021, 0.81), ("scratch", 2022, 0.85), ("ensemble K=3", 2021, 0.83), ("weights", 2021, 0.84)]
+    report = bench.report(table.assign(finetune_seconds=float("nan")), _Args(), 0.0, carried=2)
+    assert "| pbmc68k_reduced | weights − scratch | +0.030 | +0.030 | 2021 |" in report
+    assert "2 of the 4 runs are from their records" in report
+    assert bench.merge_records(pd.DataFrame(), tmp_path / "absent.csv", ["pbmc68k_reduced"], labels, [2021]).empty
+
+
+class _Args:
+    seeds, folds = "2021,2022", "3,5"
