@@ -1112,25 +1112,43 @@ def _top_up_validation(y: np.ndarray, train: np.ndarray, valid: np.ndarray, need
     return np.setdiff1d(train, moved), np.concatenate([valid, moved])
 
 
-def stratified_folds(labels: Sequence, folds: int, test_size: float = 0.2,
-                     seed: int = 2021) -> list[dict[str, np.ndarray]]:
+def stratified_folds(labels: Sequence, folds: int, test_size: float = 0.2, seed: int = 2021,
+                     valid_size: float | None = None, min_valid_per_class: int = 0) -> list[dict[str, np.ndarray]]:
     """An outer stratified test part (test_size of all cells, the same for every fold), then a
-    stratified K-fold over the rest: fold k validates on its k-th part and trains on the others.
-    Every non-test cell validates exactly once; the fold models form an ensemble scored on the
-    common test part (empty with test_size 0)."""
+    stratified K-fold over the rest: fold k validates on its k-th part and trains on the others; the
+    fold models form an ensemble scored on the common test part (empty with test_size 0).
+
+    valid_size None: every non-test cell validates exactly once (plain K-fold). valid_size v (a
+    fraction of the non-test cells, as for one split): fold k validates on a stratified draw of v of
+    the non-test cells from its own part, the rest of that part trains, so each fold model trains on
+    as many cells as the single split's model (with K = 1 / v, plain K-fold; with K * v > 1, the whole
+    part validates). The validation parts stay disjoint. With min_valid_per_class N the draw keeps
+    up to N cells of every type its part has."""
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(labels).astype(str)
     if folds < 2:
         raise InputError(f"--folds {folds} is too small; use 2 or more (or no --folds for one split)")
-    if not 0 <= test_size < 1:
-        raise InputError(f"test_size {test_size} is outside [0, 1); use a fraction such as 0.2")
+    for name, size in (("test_size", test_size), ("valid_size", valid_size or 0.0)):
+        if not 0 <= size < 1:
+            raise InputError(f"{name} {size} is outside [0, 1); use a fraction such as 0.2")
     _class_counts_error(y, folds + (1 if test_size > 0 else 0), f"{folds}-fold cross-validation")
     rest, test = _shuffle_split(y, np.arange(len(y)), test_size, seed)
     _class_counts_error(y[rest], folds, f"{folds} folds after the --test_size split")
+    share = 1.0 if not valid_size else min(1.0, valid_size * folds)  # of its own part, what a fold validates on
+    rng = np.random.default_rng(seed)
     out = []
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, valid in kfold.split(np.zeros(len(rest)), y[rest]):
+    for train, part in kfold.split(np.zeros(len(rest)), y[rest]):
+        valid = part
+        if share < 1.0:
+            drawn = []
+            for name in np.unique(y[rest[part]]):
+                mine = part[y[rest[part]] == name]
+                keep = min(len(mine), max(int(round(share * len(mine))), min_valid_per_class))
+                drawn.append(rng.choice(mine, size=keep, replace=False))
+            valid = np.concatenate(drawn)
+            train = np.setdiff1d(np.arange(len(rest)), valid)
         out.append({"train": np.sort(rest[train]), "valid": np.sort(rest[valid]), "test": np.sort(test)})
     return out
 

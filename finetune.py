@@ -123,16 +123,17 @@ def labelled_cells(adata, label_key: str, min_cells_per_class: int) -> LabelledC
 def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: float, seed: int,
                 min_valid_per_class: int = DEFAULT_MIN_VALID) -> list[dict[str, np.ndarray]]:
     """One stratified train/valid/test split, or with folds > 1 an outer test split and one
-    train/valid split per fold (the fold validates on its part of the rest). They index rows of the
-    data as read (labelled cells only), so evaluate.py finds the same cells."""
+    train/valid split per fold (the fold validates on valid_size of the rest, drawn from its own
+    K-th part, and trains on all the other non-test cells: as many as the single split trains on).
+    They index rows of the data as read (labelled cells only), so evaluate.py finds the same cells."""
     if min_valid_per_class < 0:
         raise utils.InputError(f"--min_valid_per_class {min_valid_per_class} is negative; use 0 (off) or more")
-    if folds and folds > 1:  # each fold validates on a stratified K-th of the non-test cells
-        splits = utils.stratified_folds(cells.labels, folds, test_size, seed)
+    if valid_size <= 0:
+        raise utils.InputError(f"--valid_size {valid_size} leaves no validation cells, and they choose the best "
+                               f"epoch and stop the run; use a fraction such as 0.1")
+    if folds and folds > 1:  # each fold validates on a stratified draw from its K-th of the non-test cells
+        splits = utils.stratified_folds(cells.labels, folds, test_size, seed, valid_size, min_valid_per_class)
     else:
-        if valid_size <= 0:
-            raise utils.InputError(f"--valid_size {valid_size} leaves no validation cells, and they choose the best "
-                                   f"epoch and stop the run; use a fraction such as 0.1")
         splits = [utils.stratified_splits(cells.labels, test_size, valid_size, seed, min_valid_per_class)]
     return [{k: cells.rows[v] for k, v in split.items()} for split in splits]
 
@@ -219,7 +220,7 @@ class Cells:
 @dataclass(frozen=True)
 class FineTuning:
     """How every split is fine-tuned: the same for each fold."""
-    new_model: Callable[[], PerformerLM]  # the starting model (seeded, with a fresh head)
+    new_model: Callable[[int], PerformerLM]  # the starting model drawn from a seed (with a fresh head)
     unfreeze: str                         # what trains (see set_trainable)
     amp: str
     schedule: utils.Schedule
@@ -360,14 +361,17 @@ def balanced_sample_weights(codes: np.ndarray) -> np.ndarray:
 
 
 def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tuning: FineTuning,
-                ctx: utils.DistContext, signals=None, fold: bool = False) -> Path:
+                ctx: utils.DistContext, signals=None, fold: int | None = None) -> Path:
     """Fine-tunes on split['train'], early-stops on split['valid']; writes finetune_best/last.pth,
-    finetune_metrics.csv and finetune_loss.png in out_dir. Returns the best checkpoint's path. When
-    resuming a cross-validation (fold), a fold not begun yet starts (a finished one trains no more)."""
+    finetune_metrics.csv and finetune_loss.png in out_dir. Returns the best checkpoint's path. Fold k
+    of a cross-validation draws its start and its batches from --seed + k (the members of an ensemble
+    differ in more than their cells); when resuming, a fold not begun yet starts (a finished one
+    trains no more)."""
     last_path, best_path = out_dir / "finetune_last.pth", out_dir / "finetune_best.pth"
-    requested = tuning.resume and (last_path.exists() or not fold)
+    requested = tuning.resume and (last_path.exists() or fold is None)
     resume = utils.resume_point(last_path, cells.fingerprint, cells.data_path, requested, tuning.run_args)
-    model = utils.build_model_from_checkpoint(resume, last_path) if resume is not None else tuning.new_model()
+    seed = tuning.plan.seed + (fold or 0)
+    model = utils.build_model_from_checkpoint(resume, last_path) if resume is not None else tuning.new_model(seed)
     what = set_trainable(model, tuning.unfreeze)
     model.to(ctx.device).train()
     training = utils.prepare_training(model, tuning.amp, tuning.schedule, ctx, resume)
@@ -376,7 +380,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
     train_codes = cells.codes[split["train"]]
     class_weight = (inverse_frequency_weights(train_codes, cells.n_classes, ctx.device)
                     if tuning.balance == "weights" else None)
-    plan = tuning.plan
+    plan = dataclasses.replace(tuning.plan, seed=seed)
     if tuning.balance == "sampler":
         plan = dataclasses.replace(plan, sample_weights=balanced_sample_weights(train_codes))
     guard = HeadGuard(utils.unwrap(training.model).to_out)
@@ -398,7 +402,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
             lambda: validation_scores(training.model, valid_set, plan.batch_size, plan.num_workers, ctx,
                                       training.precision, guard),
             plan, records, ctx,
-            checkpoint_fields={**tuning.checkpoint_fields,
+            checkpoint_fields={**tuning.checkpoint_fields, "seed": seed,
                                "splits": {k: [int(i) for i in v] for k, v in split.items()}},
             run_args=tuning.run_args, signals=signals)
     finally:
@@ -429,7 +433,7 @@ def cross_validate(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, cells: C
     for k, split in enumerate(splits):
         logger.info(f"--- fold {k + 1} of {len(splits)} ---")
         best_path = train_split(split, utils.check_writable_dir(ckpt_dir / f"fold{k}", "--ckpt_dir"), cells, tuning,
-                                ctx, signals, fold=True)
+                                ctx, signals, fold=k)
         model, _ = utils.load_checkpoint(best_path)
         model.to(ctx.device)
         row: dict[str, Any] = {"fold": k, "n_valid": len(split["valid"]), "n_test": len(test_rows)}
@@ -524,7 +528,7 @@ def main(args: argparse.Namespace) -> Path:
                                  input_format=input_format, out_dir=ckpt_dir, ctx=ctx) if args.pos_embed else None
     tuning = FineTuning(
         new_model=functools.partial(classifier_model, start, start_path, args.model, panel, args.bin_num, gene2vec,
-                                    args.seed, len(labelled.names), args.cls_dropout),
+                                    n_classes=len(labelled.names), dropout=args.cls_dropout),
         unfreeze=args.unfreeze or ("all" if start is None else "published"),
         amp=args.amp,
         schedule=choice.schedule,
@@ -565,13 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--bin_num", type=int, default=5, help="expression bins, from scratch only")
     data.add_argument("--test_size", type=float, default=0.2, help="held-out stratified test fraction; 0 fits on "
                       "every labelled cell (the validation cells still choose the epoch), to deploy")
-    data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest")
-    data.add_argument("--min_valid_per_class", type=int, default=DEFAULT_MIN_VALID, help="one split: give each type "
-                      "at least this many validation cells, from its training cells, while half of them stay for "
-                      "training (with --folds each fold validates on a stratified K-th)")
+    data.add_argument("--valid_size", type=float, default=0.1, help="validation fraction of the rest (with --folds, "
+                      "of the rest each fold validates on, drawn from its own K-th part)")
+    data.add_argument("--min_valid_per_class", type=int, default=DEFAULT_MIN_VALID, help="give each type at least "
+                      "this many validation cells, from its training cells, while half of them stay for training "
+                      "(with --folds: up to this many of each type the fold's part has)")
     data.add_argument("--folds", type=int, default=0, help="K > 1: after the --test_size split, K folds over the "
-                      "rest, each validating on its part; writes fold{k}/ and ensemble.pth (evaluate.py averages "
-                      "the folds) and cv_summary.csv")
+                      "rest; fold k validates on --valid_size of the rest drawn from its k-th part, trains on all "
+                      "the other non-test cells and starts from --seed + k; writes fold{k}/ and ensemble.pth "
+                      "(evaluate.py averages the folds) and cv_summary.csv")
     data.add_argument("--min_cells_per_class", type=int, default=0,
                       help="leave out cell types with fewer labelled cells (0: keep every type)")
     data.add_argument("--num_workers", type=int, default=0)

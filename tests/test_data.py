@@ -504,6 +504,27 @@ def test_stratified_folds():
     assert all(len(f["test"]) == 0 and len(f["train"]) + len(f["valid"]) == 100 for f in everything)
 
 
+def test_folds_with_a_valid_size_train_on_as_many_cells_as_one_split():
+    """finetune.py --folds K: each fold validates on --valid_size of the non-test cells, drawn from its
+    own part (disjoint), and trains on all the others, as the single split's model does."""
+    labels = np.array(["a"] * 600 + ["b"] * 300 + ["c"] * 20 + ["rare"] * 5)
+    single = du.stratified_splits(labels, 0.2, 0.1, seed=3, min_valid_per_class=2)
+    folds = du.stratified_folds(labels, 3, 0.2, seed=3, valid_size=0.1, min_valid_per_class=2)
+    plain = du.stratified_folds(labels, 3, 0.2, seed=3)
+    for f, whole in zip(folds, plain):
+        assert np.array_equal(f["test"], single["test"])
+        assert set(f["valid"]) <= set(whole["valid"])  # drawn from the fold's own part
+        assert abs(len(f["train"]) - len(single["train"])) <= 2 and len(f["valid"]) < len(whole["valid"]) / 2
+        assert sorted(np.concatenate([f["train"], f["valid"], f["test"]]).tolist()) == list(range(len(labels)))
+        assert (labels[f["valid"]] == "c").sum() == 2 and (labels[f["valid"]] == "rare").sum() >= 1
+        assert set(labels[f["train"]]) == {"a", "b", "c", "rare"}
+    valids = [set(f["valid"]) for f in folds]
+    assert not (valids[0] & valids[1]) and not (valids[0] & valids[2]) and not (valids[1] & valids[2])
+    common = labels[:920]  # K = 1 / valid_size: plain K-fold
+    ten = du.stratified_folds(common, 10, 0.2, seed=3, valid_size=0.1)
+    assert all(np.array_equal(f["valid"], g["valid"]) for f, g in zip(ten, du.stratified_folds(common, 10, 0.2, seed=3)))
+
+
 def test_min_valid_per_class_tops_up_rare_types():
     labels = np.array(["a"] * 300 + ["b"] * 100 + ["rare"] * 12)
     plain = du.stratified_splits(labels, 0.2, 0.1, seed=2021)

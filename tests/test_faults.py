@@ -179,22 +179,26 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, defau
 def test_cross_validation_stopped_in_a_fold_resumes_at_that_fold(tmp_path, default_subset, monkeypatch):
     args = [*RUN, "--epoch", "2", "--folds", "2", "--data_path", str(default_subset), "--from_scratch"]
     whole = tmp_path / "whole"
-    finetune.main(finetune.build_parser().parse_args([*args, "--ckpt_dir", str(whole)]))
-
     calls = [0]
     loss_fn = finetune.classification_loss
 
-    def signal_in_fold_two(*a, **k):
-        inner = loss_fn(*a, **k)
+    def counting(stop_at=None):
+        def wrapped(*a, **k):
+            inner = loss_fn(*a, **k)
 
-        def counted(batch):
-            calls[0] += 1
-            if calls[0] == 65:  # fold 2, epoch 1
-                os.kill(os.getpid(), signal.SIGTERM)
-            return inner(batch)
-        return counted
+            def counted(batch):
+                calls[0] += 1
+                if calls[0] == stop_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return inner(batch)
+            return counted
+        return wrapped
 
-    monkeypatch.setattr(finetune, "classification_loss", signal_in_fold_two)
+    monkeypatch.setattr(finetune, "classification_loss", counting())
+    finetune.main(finetune.build_parser().parse_args([*args, "--ckpt_dir", str(whole)]))
+    steps, calls[0] = calls[0], 0  # the two folds train on equally many cells: fold 2 begins near the middle
+
+    monkeypatch.setattr(finetune, "classification_loss", counting(stop_at=steps // 2 + 3))  # fold 2, epoch 1
     stopped = tmp_path / "stopped"
     with pytest.raises(StopRun):
         finetune.main(finetune.build_parser().parse_args([*args, "--ckpt_dir", str(stopped)]))

@@ -178,6 +178,12 @@ def test_folds_make_an_ensemble_that_evaluate_averages(tmp_path, default_subset)
     assert ens["ensemble"] == ["fold0/finetune_best.pth", "fold1/finetune_best.pth"]
     assert ens["splits"]["test"] == single["test"].tolist()  # the single model's test cells
     assert len(ens["splits"]["train"]) + len(ens["splits"]["test"]) == 234
+    for k in (0, 1):  # each fold trains on as many cells as the single split, from its own seed
+        member = torch.load(ckpts / f"fold{k}" / "finetune_best.pth", weights_only=True)
+        assert member["seed"] == 4 + k
+        topped_up = utils.stratified_splits(utils.read_labels(utils.read_dataset(str(default_subset)), "celltype"),
+                                            0.2, 0.1, seed=4, min_valid_per_class=2)
+        assert abs(len(member["splits"]["train"]) - len(topped_up["train"])) <= 3, (k, len(member["splits"]["train"]))
 
     outs = {}
     for name, model_path in (("ensemble", None), ("fold0", ckpts / "fold0" / "finetune_best.pth"),
