@@ -36,7 +36,9 @@ from model import PRESETS, PerformerLM, get_config
 
 DEFAULT_PRETRAINED = Path("ckpts") / "pretrain.pth"
 DEFAULT_MIN_VALID = 2  # --min_valid_per_class
-# the published loss; weights/sampler are offered, and measured by benchmarks/accuracy.py --methods weights,sampler
+# the published loss, kept by measurement (benchmarks/accuracy.py --methods scratch,weights,sampler, 3 seeds):
+# inverse-frequency weights cost the default data 0.14 macro-F1; the square-root sampler is level with none
+# on the default data and on PBMC3k (within 0.01)
 DEFAULT_BALANCE = "none"
 logger = logging.getLogger("scbert")
 
