@@ -1142,9 +1142,9 @@ def stratified_folds(labels: Sequence, folds: int, test_size: float = 0.2, seed:
     for train, part in kfold.split(np.zeros(len(rest)), y[rest]):
         valid = part
         if share < 1.0:
-            drawn = []
-            for name in np.unique(y[rest[part]]):
-                mine = part[y[rest[part]] == name]
+            drawn, part_labels = [], y[rest[part]]
+            for name in np.unique(part_labels):
+                mine = part[part_labels == name]
                 keep = min(len(mine), max(int(round(share * len(mine))), min_valid_per_class))
                 drawn.append(rng.choice(mine, size=keep, replace=False))
             valid = np.concatenate(drawn)

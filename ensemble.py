@@ -7,8 +7,8 @@ evaluate.py does with it.
 
 Fold k validates on --valid_size of the non-test cells drawn from its own K-th part and trains on
 all the others (as many cells as one split trains on), from --seed + k (data_utils.stratified_folds,
-finetune.train_split). The file holds no weights: each member is an ordinary fine-tuned checkpoint (loadable on its own
-and by the original code). evaluate.py --model_path ckpts/ensemble.pth scores every member and
+finetune.train_split). The file holds no weights: each member is an ordinary fine-tuned checkpoint
+(loadable on its own and by the original code). evaluate.py --model_path ckpts/ensemble.pth scores every member and
 averages their softmax probabilities; the embeddings, UMAP, gene importance and kNN transfer use the
 first member.
 """

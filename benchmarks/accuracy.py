@@ -203,39 +203,31 @@ def method_labels(methods, folds) -> list[str]:
             for m in methods for k in (folds if m == "ensemble" else [0])]
 
 
-def merge_records(fresh, kept_path: Path, datasets, labels, seeds):
-    """The runs finished here (`fresh`) and, for the asked datasets, method labels and seeds, the kept
-    records of runs whose folders are gone; a run in both is taken from `fresh`. Sorted as asked."""
+def keep_records(fresh, kept_path: Path):
+    """Adds the runs finished here to the kept records (a run's newer record replaces its older one),
+    written atomically; returns all the records."""
     import pandas as pd
 
     kept = pd.read_csv(kept_path) if kept_path.is_file() else pd.DataFrame(columns=list(fresh.columns) or RUN_KEY)
-    kept = kept[kept["dataset"].isin(datasets) & kept["method"].isin(labels) & kept["seed"].isin(seeds)]
-    if len(fresh) and len(kept):
-        kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
-    parts = [t for t in (fresh, kept) if len(t)]
-    if not parts:
-        return fresh
-    table = pd.concat(parts, ignore_index=True)
-    order = {"dataset": {d: i for i, d in enumerate(datasets)}, "method": {m: i for i, m in enumerate(labels)}}
-    rank = table["dataset"].map(order["dataset"]) * 1000 + table["method"].map(order["method"])
-    return table.assign(_rank=rank).sort_values(["_rank", "seed"], kind="stable").drop(columns="_rank") \
-        .reset_index(drop=True)
-
-
-def keep_records(fresh, kept_path: Path) -> None:
-    """Adds the runs finished here to the kept records (replacing a run's older record), atomically."""
-    import pandas as pd
-
     if not len(fresh):
-        return
-    kept = pd.read_csv(kept_path) if kept_path.is_file() else pd.DataFrame(columns=fresh.columns)
+        return kept
     if len(kept):
         kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
-    table = table.sort_values(RUN_KEY, kind="stable")
+    table = table.sort_values(RUN_KEY, kind="stable").reset_index(drop=True)
     partial = kept_path.with_name(kept_path.name + ".partial")
     table.to_csv(partial, index=False, float_format="%.6g")
     os.replace(partial, kept_path)
+    return table
+
+
+def asked_runs(records, datasets, labels, seeds):
+    """The records of the asked datasets, method labels and seeds, in the order asked."""
+    table = records[records["dataset"].isin(datasets) & records["method"].isin(labels) & records["seed"].isin(seeds)]
+    rank = table["dataset"].map({d: i for i, d in enumerate(datasets)}) * 1000 + \
+        table["method"].map({m: i for i, m in enumerate(labels)})
+    return table.assign(_rank=rank).sort_values(["_rank", "seed"], kind="stable").drop(columns="_rank") \
+        .reset_index(drop=True)
 
 
 def fmt(values) -> str:
@@ -354,11 +346,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     fresh.to_csv(out / "runs.csv", index=False)
     records_path = RECORDS if out == OUT.resolve() else out / RECORDS.name
-    keep_records(fresh, records_path)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
-    table = merge_records(fresh, records_path, [d.strip() for d in args.datasets.split(",") if d.strip()],
-                          method_labels(methods, folds), seeds)
+    table = asked_runs(keep_records(fresh, records_path), [d.strip() for d in args.datasets.split(",") if d.strip()],
+                       method_labels(methods, folds), seeds)
     if not len(table):
         print("no finished runs")
         return

@@ -274,20 +274,23 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
                                      record("ensemble K=3", 2021, 0.83), record("scratch", 2021, 0.9,
                                                                                 "pbmc3k_silver")]), kept)
     fresh = pd.DataFrame([record("scratch", 2022, 0.85), record("weights", 2021, 0.84)])
-    bench.keep_records(fresh, kept)
+    records = bench.keep_records(fresh, kept)
     on_disk = pd.read_csv(kept)
     assert len(on_disk) == 5 and not list(tmp_path.glob("*.partial"))
     assert on_disk.set_index(["dataset", "method", "seed"]).loc[("pbmc68k_reduced", "scratch", 2022), "accuracy"] == 0.85
 
     labels = bench.method_labels(["scratch", "ensemble", "weights"], [3, 5])
     assert labels == ["scratch", "ensemble K=3", "ensemble K=5", "weights"]
-    table = bench.merge_records(fresh, kept, ["pbmc68k_reduced"], labels, [2021, 2022])
+    assert records.equals(on_disk)
+    table = bench.asked_runs(records, ["pbmc68k_reduced"], labels, [2021, 2022])
     assert list(zip(table["method"], table["seed"], table["accuracy"])) == [
         ("scratch", 2021, 0.81), ("scratch", 2022, 0.85), ("ensemble K=3", 2021, 0.83), ("weights", 2021, 0.84)]
     report = bench.report(table.assign(finetune_seconds=float("nan")), _Args(), 0.0, carried=2)
     assert "| pbmc68k_reduced | weights − scratch | +0.030 | +0.030 | 2021 |" in report
     assert "2 of the 4 runs are from their records" in report
-    assert bench.merge_records(pd.DataFrame(), tmp_path / "absent.csv", ["pbmc68k_reduced"], labels, [2021]).empty
+    nothing = bench.keep_records(pd.DataFrame(), tmp_path / "absent.csv")
+    assert bench.asked_runs(nothing, ["pbmc68k_reduced"], labels, [2021]).empty
+    assert not (tmp_path / "absent.csv").exists()
 
 
 class _Args:
