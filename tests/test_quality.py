@@ -295,3 +295,22 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
 
 class _Args:
     seeds, folds = "2021,2022", "3,5"
+
+
+def test_the_rare_types_check_scores_a_tau_as_finetune_scores_an_epoch():
+    """benchmarks/rare_types.py picks its prior correction by finetune.py's epoch score (macro-F1 minus
+    the validation types never recognised), and its paired report subtracts per seed."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("rare_types_bench", ROOT / "benchmarks" / "rare_types.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = np.array([0, 0, 0, 1, 1, 2])
+    for predicted in (np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1, 0]), np.array([0, 0, 0, 0, 0, 0])):
+        logits = np.eye(3, dtype=np.float32)[predicted]
+        epoch = finetune.scores(utils.Predictions(logits, None, truth))
+        assert bench.selection(truth, predicted) == pytest.approx(epoch["macro_f1"] - epoch["types_missed"])
+    assert bench.selection(truth, np.array([0, 0, 0, 0, 0, 0])) < 0 < bench.selection(truth, truth)
+    assert bench.paired([0.01, 0.03]) == "+0.020 (SE 0.010)"
