@@ -34,20 +34,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import finetune  # noqa: E402
 import report_utils  # noqa: E402
 import utils  # noqa: E402
-from accuracy import DATASETS, OUT  # noqa: E402
+from accuracy import DATASETS, OUT, fmt, paired  # noqa: E402
 
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BINS = (3, 5, 7, 9)
 
 
-def labelled(name: str):
-    """(adata, input format, LabelledCells, panel) of a benchmark data set as finetune.py sees it."""
+def labelled(name: str, with_panel: bool = True):
+    """(adata, input format, LabelledCells, panel or None) of a benchmark data set as finetune.py sees it
+    (the panel: what a from-scratch run chooses; a finished run's checkpoint carries its own)."""
     path, label_key, extra = DATASETS[name]
     adata = utils.open_cells(None if path is None else str(path))
-    fmt = utils.detect_input_format(adata, "auto")
+    input_format = utils.detect_input_format(adata, "auto")
     cells = finetune.labelled_cells(adata, label_key, 0)
     gene_num = int(extra[extra.index("--gene_num") + 1]) if "--gene_num" in extra else None
-    return adata, fmt, cells, utils.dataset_panel(adata, gene_num, fmt)
+    return adata, input_format, cells, utils.dataset_panel(adata, gene_num, input_format) if with_panel else None
 
 
 def scores(truth, predicted, classes) -> tuple[float, float]:
@@ -56,9 +57,9 @@ def scores(truth, predicted, classes) -> tuple[float, float]:
 
 
 def inputs_check(name: str, seeds) -> list[dict]:
-    adata, fmt, cells, panel = labelled(name)
-    aligned = utils.align_to_panel(adata, panel, input_format=fmt)
-    continuous = utils.log_normalised(aligned.X, fmt)
+    adata, input_format, cells, panel = labelled(name)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format)
+    continuous = utils.log_normalised(aligned.X, input_format)
     features = {"ln(1 + CP10k)": continuous}
     for b in BINS:  # the tokens of the panel genes (the appended always-0 position dropped)
         features[f"tokens, bin_num {b}"] = utils.tokenize(aligned, bin_num=b)[:, :-1].astype(np.float32)
@@ -79,16 +80,14 @@ def inputs_check(name: str, seeds) -> list[dict]:
 
 
 def selection(truth: np.ndarray, predicted: np.ndarray) -> float:
-    """finetune.validation_scores' valid_selection: macro-F1 minus the types never recognised."""
-    from sklearn.metrics import f1_score
-    missed = len(np.setdiff1d(np.unique(truth), np.unique(truth[predicted == truth])))
-    return float(f1_score(truth, predicted, average="macro", zero_division=0)) - missed
+    """finetune.py's epoch score (valid_selection) of these predictions."""
+    return finetune.selection_score(finetune.label_scores(truth, predicted))
 
 
 def decision_check(name: str, seeds, runs: Path) -> list[dict]:
     ctx = utils.setup_distributed("cpu")
     precision = utils.Precision("none", ctx.device)
-    adata, fmt, cells, _ = labelled(name)
+    adata, input_format, cells, _ = labelled(name, with_panel=False)
     rows = []
     for seed in seeds:
         path = runs / name / "scratch" / f"seed_{seed}" / "finetune_best.pth"
@@ -96,11 +95,11 @@ def decision_check(name: str, seeds, runs: Path) -> list[dict]:
             print(f"decision {name} seed {seed}: no run at {path} (run benchmarks/accuracy.py --methods scratch)")
             continue
         model, ckpt = utils.load_checkpoint(path)
-        aligned = utils.align_to_panel(adata, ckpt["gene_panel"], input_format=fmt)
+        aligned = utils.align_to_panel(adata, ckpt["gene_panel"], input_format=input_format)
         split = {k: np.asarray(v, dtype=np.int64) for k, v in ckpt["splits"].items()}
         logits = {}
         for part in ("valid", "test"):
-            dataset = utils.token_dataset(aligned, fmt, model.config.bin_num, labels=cells.codes,
+            dataset = utils.token_dataset(aligned, input_format, model.config.bin_num, labels=cells.codes,
                                           indices=split[part])
             logits[part] = utils.predict(model, dataset, 32, ctx, precision).logits.astype(np.float64)
         counts = np.bincount(cells.codes[split["train"]], minlength=len(cells.names)).astype(np.float64)
@@ -117,12 +116,6 @@ def decision_check(name: str, seeds, runs: Path) -> list[dict]:
     return rows
 
 
-def paired(values: list[float]) -> str:
-    d = np.asarray(values, dtype=np.float64)
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return f"{d.mean():+.3f} (SE {se:.3f})"
-
-
 def report(inputs: list[dict], decision: list[dict], seeds) -> str:
     import pandas as pd
     lines = ["# Rare types: the tokens or the decision rule?", "",
@@ -135,8 +128,7 @@ def report(inputs: list[dict], decision: list[dict], seeds) -> str:
         for (name, what), group in table.groupby(["dataset", "features"], sort=False):
             base = table[(table.dataset == name) & (table.features == "ln(1 + CP10k)")].set_index("seed")
             diff = [r.macro_f1 - base.loc[r.seed, "macro_f1"] for r in group.itertuples()]
-            lines.append(f"| {name} | {what} | {group.accuracy.mean():.3f} ± {group.accuracy.std(ddof=1):.3f} | "
-                         f"{group.macro_f1.mean():.3f} ± {group.macro_f1.std(ddof=1):.3f} | "
+            lines.append(f"| {name} | {what} | {fmt(group.accuracy)} | {fmt(group.macro_f1)} | "
                          f"{'-' if what.startswith('ln') else paired(diff)} |")
         lines.append("")
     if decision:
