@@ -40,6 +40,7 @@ DEFAULT_MIN_VALID = 2  # --min_valid_per_class
 # inverse-frequency weights cost the default data 0.14 macro-F1; the square-root sampler is level with none
 # on the default data and on PBMC3k (within 0.01)
 DEFAULT_BALANCE = "none"
+DEFAULT_LABEL_SMOOTHING = 0.0  # --label_smoothing; 0 is the published loss
 logger = logging.getLogger("scbert")
 
 
@@ -228,6 +229,7 @@ class FineTuning:
     schedule: utils.Schedule
     plan: utils.EpochPlan
     balance: str                          # none, weights (inverse-frequency loss) or sampler (see balance_plan)
+    label_smoothing: float                # the cross-entropy's label smoothing (0: the published loss)
     resume: bool
     checkpoint_fields: dict[str, Any]     # what each checkpoint says about the data, labels and start
     run_args: dict[str, Any]              # the command line, stored in each checkpoint
@@ -343,12 +345,12 @@ def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, pr
 
 
 def classification_loss(model, class_weight: torch.Tensor | None, device, precision,
-                        guard: HeadGuard | None = None) -> utils.LossFn:
+                        guard: HeadGuard | None = None, label_smoothing: float = 0.0) -> utils.LossFn:
     def loss_fn(batch):
         with precision.autocast():
             logits = model(batch["tokens"].to(device, torch.long))
         target = batch["label"].to(device)
-        loss = F.cross_entropy(logits.float(), target, weight=class_weight)
+        loss = F.cross_entropy(logits.float(), target, weight=class_weight, label_smoothing=label_smoothing)
         correct = (logits.argmax(-1) == target).sum()
         statistics = utils.step_statistics(loss, correct, torch.tensor(len(target), device=target.device))
         if guard is not None:
@@ -406,7 +408,8 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
         plot_series=(("train_loss", "loss (train)"), ("valid_acc", "accuracy (valid)"),
                      ("valid_macro_f1", "macro-F1 (valid)")),
         plot_title="scBERT fine-tuning", train_acc_column="train_acc")
-    loss_fn = classification_loss(training.stepped, class_weight, ctx.device, training.precision, guard)
+    loss_fn = classification_loss(training.stepped, class_weight, ctx.device, training.precision, guard,
+                                  label_smoothing=tuning.label_smoothing)
     try:
         utils.run_epochs(
             training, train_set, lambda epoch: loss_fn,
@@ -503,6 +506,9 @@ def summary_table(rows: list[dict[str, Any]], test_logits: list[np.ndarray], tes
 
 
 def main(args: argparse.Namespace) -> Path:
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise utils.InputError(f"--label_smoothing {args.label_smoothing} is outside [0, 1); use e.g. 0.1, or 0 for "
+                               f"the published loss")
     ctx = utils.setup_distributed(args.device)
     ckpt_dir = Path(args.ckpt_dir)
     start, start_path = starting_checkpoint(args.model_path, args.from_scratch)
@@ -519,9 +525,9 @@ def main(args: argparse.Namespace) -> Path:
         raise utils.InputError(f"--class_weights is --balance weights, and --balance {args.balance} asks for "
                                f"another; give one of them")
     balance = args.balance = "weights" if args.class_weights else (args.balance or DEFAULT_BALANCE)
-    logger.info(f"rare types: --balance {balance}; validation keeps at least {args.min_valid_per_class} cell(s) of "
-                f"each type where it can; the best epoch recognises the most validation types, then has the "
-                f"highest macro-F1")
+    logger.info(f"rare types: --balance {balance}, --label_smoothing {args.label_smoothing:g}; validation keeps at "
+                f"least {args.min_valid_per_class} cell(s) of each type where it can; the best epoch recognises the "
+                f"most validation types, then has the highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
@@ -547,7 +553,7 @@ def main(args: argparse.Namespace) -> Path:
                              monitor="valid_selection", patience=args.patience,
                              grad_checkpoint=args.grad_checkpoint, save_every_steps=args.save_every_steps,
                              log_every=args.log_every),
-        balance=balance, resume=args.resume,
+        balance=balance, label_smoothing=args.label_smoothing, resume=args.resume,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format, "label_names": labelled.names,
                            "label_key": args.label_key, "data_fingerprint": fingerprint, "data_path": args.data_path,
                            "pretrained_from": str(start_path) if start_path else None,
@@ -617,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"rare types: 'weights' weights the loss by inverse type frequency, 'sampler' draws "
                             f"each epoch's cells with square-root type balancing; default {DEFAULT_BALANCE}")
     train.add_argument("--class_weights", action="store_true", help="the same as --balance weights (older name)")
+    train.add_argument("--label_smoothing", type=float, default=DEFAULT_LABEL_SMOOTHING,
+                       help="spread this share of each cell's target over all types (keeps the scores of rare "
+                            f"types from being pushed to nothing); 0 is the published loss; default "
+                            f"{DEFAULT_LABEL_SMOOTHING:g}")
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
     utils.add_fault_flags(run, "finetune_last.pth")
