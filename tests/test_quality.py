@@ -1,5 +1,5 @@
 """The fine-tuning defaults users can trust (issue 18): the schedule chosen from the number of
-training cells, the head guard, rare types (--balance, --min_valid_per_class, the best-epoch rule),
+training cells, the head guard, rare types (--balance, --label_smoothing, --min_valid_per_class, the best-epoch rule),
 fold ensembles that evaluate.py averages, and --test_size 0."""
 from __future__ import annotations
 
@@ -158,6 +158,46 @@ def test_balance_modes_train_and_are_recorded(tmp_path, default_subset, balance,
         best = finetune.main(args)
     assert f"--balance {balance}" in caplog.text
     assert torch.load(best, weights_only=True)["args"]["balance"] == balance
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy_and_zero_is_the_published_loss():
+    torch.manual_seed(0)
+    model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(4)
+    batch = {"tokens": torch.randint(0, 6, (6, 41)), "label": torch.tensor([0, 1, 2, 3, 0, 1])}
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(batch["tokens"]).float(), -1)
+        nll = -log_p.gather(1, batch["label"][:, None]).squeeze(1)
+        spread = -log_p.mean(-1)  # the cross-entropy against the uniform distribution over the 4 types
+        plain, _ = finetune.classification_loss(model, None, cpu, utils.Precision("none", cpu))(batch)
+        smoothed, _ = finetune.classification_loss(model, None, cpu, utils.Precision("none", cpu),
+                                                   label_smoothing=0.2)(batch)
+    assert torch.allclose(plain, nll.mean(), atol=1e-6)
+    assert torch.allclose(smoothed, (0.8 * nll + 0.2 * spread).mean(), atol=1e-6)
+
+
+def test_label_smoothing_flag_reaches_the_loss_and_is_recorded(tmp_path, default_subset, monkeypatch, caplog):
+    seen = []
+    loss_fn = finetune.classification_loss
+
+    def recording(*a, **k):
+        seen.append(k.get("label_smoothing"))
+        return loss_fn(*a, **k)
+
+    monkeypatch.setattr(finetune, "classification_loss", recording)
+    args = finetune.build_parser().parse_args([*FAST, "--epoch", "1", "--ckpt_dir", str(tmp_path),
+                                               "--data_path", str(default_subset), "--label_smoothing", "0.15"])
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        best = finetune.main(args)
+    assert seen == [0.15] and "--label_smoothing 0.15" in caplog.text
+    assert torch.load(best, weights_only=True)["args"]["label_smoothing"] == 0.15
+
+
+def test_label_smoothing_out_of_range_is_one_line_and_exit_2(tmp_path, default_subset):
+    result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
+                        "--label_smoothing", "1")
+    assert result.returncode == 2 and "--label_smoothing 1.0 is outside [0, 1)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------------------------------
