@@ -9,6 +9,7 @@ Every run goes through the command-line scripts with only the flags a user would
     scratch    finetune.py --from_scratch --seed S                      -> evaluate.py --baseline
     weights, sampler   the same with --balance weights / sampler (the study behind the --balance default)
     smoothing  the same with --label_smoothing 0.1 (the study behind the --label_smoothing default)
+    adjusted   smoothing with --logit_adjustment 1 as well (the study behind the --logit_adjustment default)
     ensemble   finetune.py --from_scratch --folds K --seed S            -> evaluate.py --model_path ensemble.pth --baseline
     union      pretrain.py on the union of the *other* real sets (the other dataset here and, when
                celltypist is installed, its bundled unlabelled sample cells), aligned to this
@@ -45,9 +46,11 @@ OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
 RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
 RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
-METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "smoothing")
-# weights/sampler: scratch with that --balance; smoothing: scratch with --label_smoothing SMOOTHING
+METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "smoothing", "adjusted")
+# weights/sampler: scratch with that --balance; smoothing: scratch with --label_smoothing SMOOTHING;
+# adjusted: smoothing with --logit_adjustment ADJUSTMENT as well
 SMOOTHING = "0.1"
+ADJUSTMENT = "1"
 
 # name -> (data path or None for the default data, label column, the flags a user adds from scratch)
 DATASETS = {
@@ -166,8 +169,10 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             start = ["--from_scratch", *extra]
         if method in ("weights", "sampler"):  # the study that chose the --balance default
             start += ["--balance", method]
-        if method == "smoothing":  # the study that chose the --label_smoothing default
-            start += ["--label_smoothing", SMOOTHING]
+        if method in ("smoothing", "adjusted"):  # the studies that chose the --label_smoothing and
+            start += ["--label_smoothing", SMOOTHING]  # --logit_adjustment defaults
+        if method == "adjusted":
+            start += ["--logit_adjustment", ADJUSTMENT]
         if method == "ensemble":
             start += ["--folds", str(folds)]
             model_path = folder / "ensemble.pth"
