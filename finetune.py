@@ -40,7 +40,10 @@ DEFAULT_MIN_VALID = 2  # --min_valid_per_class
 # inverse-frequency weights cost the default data 0.14 macro-F1; the square-root sampler is level with none
 # on the default data and on PBMC3k (within 0.01)
 DEFAULT_BALANCE = "none"
-DEFAULT_LABEL_SMOOTHING = 0.0  # --label_smoothing; 0 is the published loss
+# --label_smoothing, by measurement (benchmarks/accuracy.py --methods scratch,unsmoothed, 3 seeds): 0.1 against
+# the published loss (0) lifts PBMC3k accuracy on every seed (+0.006) to the regression's and keeps the training
+# loss from collapsing onto the majority types; on the default data it is level within its noise
+DEFAULT_LABEL_SMOOTHING = 0.1
 DEFAULT_LOGIT_ADJUSTMENT = 0.0  # --logit_adjustment; 0 is the published loss
 logger = logging.getLogger("scbert")
 

@@ -8,8 +8,8 @@ Every run goes through the command-line scripts with only the flags a user would
 
     scratch    finetune.py --from_scratch --seed S                      -> evaluate.py --baseline
     weights, sampler   the same with --balance weights / sampler (the study behind the --balance default)
-    smoothing  the same with --label_smoothing 0.1 (the study behind the --label_smoothing default)
-    adjusted   smoothing with --logit_adjustment 1 as well (the study behind the --logit_adjustment default)
+    unsmoothed the same with --label_smoothing 0, the published loss (the study behind that default)
+    adjusted   the same with --logit_adjustment 1 (the study behind the --logit_adjustment default)
     ensemble   finetune.py --from_scratch --folds K --seed S            -> evaluate.py --model_path ensemble.pth --baseline
     union      pretrain.py on the union of the *other* real sets (the other dataset here and, when
                celltypist is installed, its bundled unlabelled sample cells), aligned to this
@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -46,10 +47,9 @@ OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
 RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
 RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
-METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "smoothing", "adjusted")
-# weights/sampler: scratch with that --balance; smoothing: scratch with --label_smoothing SMOOTHING;
-# adjusted: smoothing with --logit_adjustment ADJUSTMENT as well
-SMOOTHING = "0.1"
+METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed", "adjusted")
+# weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss;
+# adjusted: scratch with --logit_adjustment ADJUSTMENT
 ADJUSTMENT = "1"
 
 # name -> (data path or None for the default data, label column, the flags a user adds from scratch)
@@ -169,8 +169,8 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             start = ["--from_scratch", *extra]
         if method in ("weights", "sampler"):  # the study that chose the --balance default
             start += ["--balance", method]
-        if method in ("smoothing", "adjusted"):  # the studies that chose the --label_smoothing and
-            start += ["--label_smoothing", SMOOTHING]  # --logit_adjustment defaults
+        if method == "unsmoothed":  # the studies that chose the --label_smoothing and --logit_adjustment defaults
+            start += ["--label_smoothing", "0"]
         if method == "adjusted":
             start += ["--logit_adjustment", ADJUSTMENT]
         if method == "ensemble":
@@ -190,9 +190,16 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             "n_test": metrics["n_cells"],
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "baseline_accuracy": metrics["baseline"]["accuracy"], "baseline_macro_f1": metrics["baseline"]["macro_f1"],
-            "predicted_types": predicted_types(folder),
+            "predicted_types": predicted_types(folder), "label_smoothing": label_smoothing_of(folder),
             "finetune_seconds": float(seconds_file.read_text()) if seconds_file.is_file() else float("nan"),
             "revision": revision_file.read_text().strip() if revision_file.is_file() else "?"}
+
+
+def label_smoothing_of(folder: Path) -> float:
+    """The --label_smoothing a run trained with, from its log (runs from before the flag: 0, the published loss)."""
+    log = folder / "finetune_log.txt"
+    found = re.search(r"--label_smoothing ([0-9.eE+-]+)[,;]", log.read_text()) if log.is_file() else None
+    return float(found.group(1)) if found else 0.0
 
 
 def revision() -> str:
@@ -200,8 +207,9 @@ def revision() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results_*"],  # the tables this benchmark writes itself
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "?"
@@ -224,6 +232,9 @@ def keep_records(fresh, kept_path: Path):
     if len(kept):
         kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
+    # records from before --label_smoothing existed trained with the published loss
+    table["label_smoothing"] = (table["label_smoothing"] if "label_smoothing" in table else
+                                pd.Series(np.nan, index=table.index)).fillna(0.0).astype(float)
     table = table.sort_values(RUN_KEY, kind="stable").reset_index(drop=True)
     partial = kept_path.with_name(kept_path.name + ".partial")
     table.to_csv(partial, index=False, float_format="%.6g")
@@ -262,12 +273,39 @@ def known(values, how: str, spec: str) -> str:
     return "-" if not len(v) else format(float(getattr(v, how)()), spec)
 
 
+def shown_methods(table):
+    """The table's method column: a run whose --label_smoothing is not finetune.py's default says so, since
+    it did not train with the default flags (the 'unsmoothed' study, whose name says it, aside)."""
+    from finetune import DEFAULT_LABEL_SMOOTHING
+
+    ls = table["label_smoothing"]
+    off = (ls != DEFAULT_LABEL_SMOOTHING) & (table["method"] != "unsmoothed")
+    return table["method"].where(~off, table["method"] + ls.map(lambda v: f" (--label_smoothing {v:g})"))
+
+
+def single_reference(table, name: str, method: str, smoothing: float):
+    """The single from-scratch runs a method is paired with: for 'unsmoothed' the default 'scratch'; for
+    the others the from-scratch runs (scratch, else unsmoothed) that trained with the same label smoothing,
+    so that a difference is the method's alone."""
+    rows = table[table["dataset"] == name]  # "plain": the method's own name, "method": the name shown
+    if method == "unsmoothed":
+        return rows[rows["plain"] == "scratch"]
+    for single in ("scratch", "unsmoothed"):
+        same = rows[(rows["plain"] == single) & (rows["label_smoothing"] == smoothing)]
+        if len(same):
+            return same
+    return rows.iloc[:0]
+
+
 def report(table, args, minutes: float, carried: int = 0) -> str:
+    if "label_smoothing" not in table:
+        table = table.assign(label_smoothing=0.0)
+    table = table.assign(method=shown_methods(table), plain=table["method"])
     lines = [
         "# Cell-type annotation accuracy with the default flags: scBERT vs L1 logistic regression",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared). finetune.py with its defaults "
-        f"(schedule auto, preset `small`, --balance and selection as shipped); seeds {args.seeds}; each seed its own "
+        f"(schedule auto, preset `small`, --balance, --label_smoothing and selection as shipped; a method that ran with another label smoothing says so); seeds {args.seeds}; each seed its own "
         f"stratified 80/20 split (10% of the rest validates); test cells scored by evaluate.py; the regression is "
         f"`evaluate.py --baseline`, trained on the cells the model trained on."
         + (f" Union pretraining: pretrain.py {' '.join(UNION_PRETRAIN_FLAGS)} on the union of the other real sets, "
@@ -297,18 +335,23 @@ def report(table, args, minutes: float, carried: int = 0) -> str:
                          f"{row['accuracy'].iloc[0]:.3f} / {row['macro_f1'].iloc[0]:.3f} "
                          f"({row['baseline_accuracy'].iloc[0]:.3f} / {row['baseline_macro_f1'].iloc[0]:.3f})")
         lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
-    # each method against the single model from scratch on the same test cells (same seed): does pretraining
-    # on other cells help, does the ensemble beat the single model, does a --balance mode help
+    # each method against the single model from scratch on the same test cells (same seed) and the same loss:
+    # does pretraining on other cells help, does the ensemble beat the single model, does a --balance mode help
     compared = []
     for (name, method), part in table.groupby(["dataset", "method"], sort=False):
-        scratch = table[(table["dataset"] == name) & (table["method"] == "scratch")]
-        both = part.merge(scratch, on="seed", suffixes=("", "_scratch"))
-        if method != "scratch" and len(both):
-            compared.append(f"| {name} | {method} − scratch | {paired(both['accuracy'] - both['accuracy_scratch'])} | "
+        plain = part["plain"].iloc[0]
+        if plain == "scratch":
+            continue
+        reference = single_reference(table, name, plain, part["label_smoothing"].iloc[0])
+        both = part.merge(reference, on="seed", suffixes=("", "_scratch"))
+        if len(both):
+            compared.append(f"| {name} | {method} − {reference['method'].iloc[0]} | "
+                            f"{paired(both['accuracy'] - both['accuracy_scratch'])} | "
                             f"{paired(both['macro_f1'] - both['macro_f1_scratch'])} | "
                             f"{', '.join(map(str, both['seed']))} |")
     if compared:
-        lines += ["", "Against the single model from scratch, paired over the seeds both have (same test cells):", "",
+        lines += ["", "Against the single model from scratch with the same label smoothing, paired over the seeds both "
+                  "have (same test cells):", "",
                   "| data | difference | accuracy | macro-F1 | seeds |", "|---|---|---|---|---|", *compared]
     lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}."
               + (f" {carried} of the {len(table)} runs are from their records in {RECORDS.name} (their run folders are "

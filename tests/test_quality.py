@@ -336,9 +336,9 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def record(method, seed, accuracy, dataset="pbmc68k_reduced"):
+    def record(method, seed, accuracy, dataset="pbmc68k_reduced", **more):
         return {"dataset": dataset, "seed": seed, "method": method, "accuracy": accuracy, "macro_f1": accuracy - 0.1,
-                "baseline_accuracy": 0.8, "baseline_macro_f1": 0.7, "predicted_types": 9, "revision": "r1"}
+                "baseline_accuracy": 0.8, "baseline_macro_f1": 0.7, "predicted_types": 9, "revision": "r1", **more}
 
     kept = tmp_path / "runs.csv"
     bench.keep_records(pd.DataFrame([record("scratch", 2021, 0.81), record("scratch", 2022, 0.82),
@@ -352,13 +352,31 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
 
     labels = bench.method_labels(["scratch", "ensemble", "weights"], [3, 5])
     assert labels == ["scratch", "ensemble K=3", "ensemble K=5", "weights"]
-    assert records.equals(on_disk)
+    pd.testing.assert_frame_equal(records, on_disk, check_dtype=False)
     table = bench.asked_runs(records, ["pbmc68k_reduced"], labels, [2021, 2022])
     assert list(zip(table["method"], table["seed"], table["accuracy"])) == [
         ("scratch", 2021, 0.81), ("scratch", 2022, 0.85), ("ensemble K=3", 2021, 0.83), ("weights", 2021, 0.84)]
     report = bench.report(table.assign(finetune_seconds=float("nan")), _Args(), 0.0, carried=2)
-    assert "| pbmc68k_reduced | weights − scratch | +0.030 | +0.030 | 2021 |" in report
+    assert "| pbmc68k_reduced | weights (--label_smoothing 0) − scratch (--label_smoothing 0) | +0.030 | +0.030 | 2021 |" \
+        in report
     assert "2 of the 4 runs are from their records" in report
+    # records from before --label_smoothing trained with the published loss: they say so, and a method is
+    # paired with the from-scratch runs of its own loss (the unsmoothed study with the default scratch)
+    assert (records["label_smoothing"] == 0.0).all()
+    default = finetune.DEFAULT_LABEL_SMOOTHING
+    assert default != 0.0
+    mixed = pd.DataFrame([record("scratch", 2021, 0.86, label_smoothing=default),
+                          record("unsmoothed", 2021, 0.81, label_smoothing=0.0),
+                          record("weights", 2021, 0.84, label_smoothing=0.0),
+                          record("adjusted", 2021, 0.90, label_smoothing=default)]).assign(finetune_seconds=1.0)
+    report = bench.report(mixed, _Args(), 0.0)
+    assert "| pbmc68k_reduced | weights (--label_smoothing 0) − unsmoothed | +0.030 | +0.030 | 2021 |" in report
+    assert "| pbmc68k_reduced | unsmoothed − scratch | -0.050 | -0.050 | 2021 |" in report
+    assert "| pbmc68k_reduced | adjusted − scratch | +0.040 | +0.040 | 2021 |" in report
+    assert "| pbmc68k_reduced | scratch |" in report and "scratch (--label_smoothing" not in report
+    assert bench.label_smoothing_of(tmp_path) == 0.0  # no log: a run from before the flag
+    (tmp_path / "finetune_log.txt").write_text("rare types: --balance none, --label_smoothing 0.1, --logit_adjustment 0;")
+    assert bench.label_smoothing_of(tmp_path) == 0.1
     nothing = bench.keep_records(pd.DataFrame(), tmp_path / "absent.csv")
     assert bench.asked_runs(nothing, ["pbmc68k_reduced"], labels, [2021]).empty
     assert not (tmp_path / "absent.csv").exists()
