@@ -44,7 +44,6 @@ DEFAULT_BALANCE = "none"
 # the published loss (0) lifts PBMC3k accuracy on every seed (+0.006 paired) to the regression's, macro-F1 +0.005;
 # on the default data accuracy is level and macro-F1 -0.026 inside its noise (SE 0.049, 140 test cells)
 DEFAULT_LABEL_SMOOTHING = 0.1
-DEFAULT_LOGIT_ADJUSTMENT = 0.0  # --logit_adjustment; 0 is the published loss
 logger = logging.getLogger("scbert")
 
 
@@ -234,7 +233,6 @@ class FineTuning:
     plan: utils.EpochPlan
     balance: str                          # none, weights (inverse-frequency loss) or sampler (see balance_plan)
     label_smoothing: float                # the cross-entropy's label smoothing (0: the published loss)
-    logit_adjustment: float               # tau of the logit-adjusted loss (0: the published loss)
     resume: bool
     checkpoint_fields: dict[str, Any]     # what each checkpoint says about the data, labels and start
     run_args: dict[str, Any]              # the command line, stored in each checkpoint
@@ -350,14 +348,12 @@ def validation_scores(model, dataset, batch_size: int, num_workers: int, ctx, pr
 
 
 def classification_loss(model, class_weight: torch.Tensor | None, device, precision,
-                        guard: HeadGuard | None = None, label_smoothing: float = 0.0,
-                        logit_shift: torch.Tensor | None = None) -> utils.LossFn:
+                        guard: HeadGuard | None = None, label_smoothing: float = 0.0) -> utils.LossFn:
     def loss_fn(batch):
         with precision.autocast():
             logits = model(batch["tokens"].to(device, torch.long))
         target = batch["label"].to(device)
-        trained = logits.float() if logit_shift is None else logits.float() + logit_shift
-        loss = F.cross_entropy(trained, target, weight=class_weight, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), target, weight=class_weight, label_smoothing=label_smoothing)
         correct = (logits.argmax(-1) == target).sum()
         statistics = utils.step_statistics(loss, correct, torch.tensor(len(target), device=target.device))
         if guard is not None:
@@ -370,15 +366,6 @@ def classification_loss(model, class_weight: torch.Tensor | None, device, precis
 def inverse_frequency_weights(codes: np.ndarray, n_classes: int, device) -> torch.Tensor:
     counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
     return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-
-
-def prior_shift(codes: np.ndarray, n_classes: int, tau: float, device) -> torch.Tensor | None:
-    """--logit_adjustment tau: tau * ln(training frequency of each type), added to the logits inside the loss
-    only (the logit-adjusted loss of Menon et al., 2021), so the trained scores leave out the types' shares."""
-    if tau == 0:
-        return None
-    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-    return torch.tensor(tau * np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=device)
 
 
 def balanced_sample_weights(codes: np.ndarray) -> np.ndarray:
@@ -425,9 +412,7 @@ def train_split(split: dict[str, np.ndarray], out_dir: Path, cells: Cells, tunin
                      ("valid_macro_f1", "macro-F1 (valid)")),
         plot_title="scBERT fine-tuning", train_acc_column="train_acc")
     loss_fn = classification_loss(training.stepped, class_weight, ctx.device, training.precision, guard,
-                                  label_smoothing=tuning.label_smoothing,
-                                  logit_shift=prior_shift(train_codes, cells.n_classes, tuning.logit_adjustment,
-                                                          ctx.device))
+                                  label_smoothing=tuning.label_smoothing)
     try:
         utils.run_epochs(
             training, train_set, lambda epoch: loss_fn,
@@ -527,9 +512,6 @@ def main(args: argparse.Namespace) -> Path:
     if not 0.0 <= args.label_smoothing < 1.0:
         raise utils.InputError(f"--label_smoothing {args.label_smoothing} is outside [0, 1); use e.g. 0.1, or 0 for "
                                f"the published loss")
-    if not 0.0 <= args.logit_adjustment <= 4.0:
-        raise utils.InputError(f"--logit_adjustment {args.logit_adjustment} is outside [0, 4]; use e.g. 1, or 0 for "
-                               f"the published loss")
     ctx = utils.setup_distributed(args.device)
     ckpt_dir = Path(args.ckpt_dir)
     start, start_path = starting_checkpoint(args.model_path, args.from_scratch)
@@ -546,8 +528,7 @@ def main(args: argparse.Namespace) -> Path:
         raise utils.InputError(f"--class_weights is --balance weights, and --balance {args.balance} asks for "
                                f"another; give one of them")
     balance = args.balance = "weights" if args.class_weights else (args.balance or DEFAULT_BALANCE)
-    logger.info(f"rare types: --balance {balance}, --label_smoothing {args.label_smoothing:g}, --logit_adjustment "
-                f"{args.logit_adjustment:g}; validation keeps at "
+    logger.info(f"rare types: --balance {balance}, --label_smoothing {args.label_smoothing:g}; validation keeps at "
                 f"least {args.min_valid_per_class} cell(s) of each type where it can; the best epoch recognises the "
                 f"most validation types, then has the highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
@@ -575,8 +556,7 @@ def main(args: argparse.Namespace) -> Path:
                              monitor="valid_selection", patience=args.patience,
                              grad_checkpoint=args.grad_checkpoint, save_every_steps=args.save_every_steps,
                              log_every=args.log_every),
-        balance=balance, label_smoothing=args.label_smoothing,
-        logit_adjustment=args.logit_adjustment, resume=args.resume,
+        balance=balance, label_smoothing=args.label_smoothing, resume=args.resume,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format, "label_names": labelled.names,
                            "label_key": args.label_key, "data_fingerprint": fingerprint, "data_path": args.data_path,
                            "pretrained_from": str(start_path) if start_path else None,
@@ -646,13 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"rare types: 'weights' weights the loss by inverse type frequency, 'sampler' draws "
                             f"each epoch's cells with square-root type balancing; default {DEFAULT_BALANCE}")
     train.add_argument("--class_weights", action="store_true", help="the same as --balance weights (older name)")
-    train.add_argument("--logit_adjustment", type=float, default=DEFAULT_LOGIT_ADJUSTMENT, help="tau: add tau * "
-                       "ln(type share among the training cells) to the logits inside the loss only, so rare types "
-                       f"are called more readily; 0 is the published loss; default {DEFAULT_LOGIT_ADJUSTMENT:g}")
     train.add_argument("--label_smoothing", type=float, default=DEFAULT_LABEL_SMOOTHING,
-                       help="spread this share of each cell's target over all types (keeps the scores of rare "
-                            f"types from being pushed to nothing); 0 is the published loss; default "
-                            f"{DEFAULT_LABEL_SMOOTHING:g}")
+                       help="spread this share of each cell's target evenly over all types; 0 is the published "
+                            f"loss; default {DEFAULT_LABEL_SMOOTHING:g} (chosen by measurement, see README)")
     run = p.add_argument_group("run")
     run.add_argument("--ckpt_dir", default="ckpts")
     utils.add_fault_flags(run, "finetune_last.pth")

@@ -9,7 +9,6 @@ Every run goes through the command-line scripts with only the flags a user would
     scratch    finetune.py --from_scratch --seed S                      -> evaluate.py --baseline
     weights, sampler   the same with --balance weights / sampler (the study behind the --balance default)
     unsmoothed the same with --label_smoothing 0, the published loss (the study behind that default)
-    adjusted   the same with --logit_adjustment 1 (the study behind the --logit_adjustment default)
     ensemble   finetune.py --from_scratch --folds K --seed S            -> evaluate.py --model_path ensemble.pth --baseline
     union      pretrain.py on the union of the *other* real sets (the other dataset here and, when
                celltypist is installed, its bundled unlabelled sample cells), aligned to this
@@ -47,10 +46,8 @@ OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
 RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
 RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
-METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed", "adjusted")
-# weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss;
-# adjusted: scratch with --logit_adjustment ADJUSTMENT
-ADJUSTMENT = "1"
+METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed")
+# weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss
 
 # name -> (data path or None for the default data, label column, the flags a user adds from scratch)
 DATASETS = {
@@ -169,10 +166,8 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             start = ["--from_scratch", *extra]
         if method in ("weights", "sampler"):  # the study that chose the --balance default
             start += ["--balance", method]
-        if method == "unsmoothed":  # the studies that chose the --label_smoothing and --logit_adjustment defaults
+        if method == "unsmoothed":  # the study that chose the --label_smoothing default
             start += ["--label_smoothing", "0"]
-        if method == "adjusted":
-            start += ["--logit_adjustment", ADJUSTMENT]
         if method == "ensemble":
             start += ["--folds", str(folds)]
             model_path = folder / "ensemble.pth"

@@ -1,5 +1,5 @@
 """The fine-tuning defaults users can trust (issue 18): the schedule chosen from the number of
-training cells, the head guard, rare types (--balance, --label_smoothing, --logit_adjustment,
+training cells, the head guard, rare types (--balance, --label_smoothing,
 --min_valid_per_class, the best-epoch rule), fold ensembles that evaluate.py averages, and --test_size 0."""
 from __future__ import annotations
 
@@ -193,37 +193,6 @@ def test_label_smoothing_flag_reaches_the_loss_and_is_recorded(tmp_path, default
     assert torch.load(best, weights_only=True)["args"]["label_smoothing"] == 0.15
 
 
-def test_logit_adjustment_shifts_the_loss_by_the_training_prior_only():
-    codes = np.array([0] * 6 + [1] * 3 + [2] * 1)
-    assert finetune.prior_shift(codes, 4, 0.0, torch.device("cpu")) is None  # off: the published loss
-    shift = finetune.prior_shift(codes, 4, 2.0, torch.device("cpu"))
-    assert torch.allclose(shift[:3], 2.0 * torch.log(torch.tensor([0.6, 0.3, 0.1])))
-    assert torch.isfinite(shift[3]) and shift[3] == shift[2]  # a type absent from training: as if one cell
-    torch.manual_seed(0)
-    model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(4)
-    batch = {"tokens": torch.randint(0, 6, (6, 41)), "label": torch.tensor([0, 1, 2, 3, 0, 1])}
-    cpu = torch.device("cpu")
-    with torch.no_grad():
-        logits = model(batch["tokens"]).float()
-        adjusted, _ = finetune.classification_loss(model, None, cpu, utils.Precision("none", cpu),
-                                                   logit_shift=shift)(batch)
-        assert torch.allclose(model(batch["tokens"]), logits)  # the model's own scores are not shifted
-    assert torch.allclose(adjusted, torch.nn.functional.cross_entropy(logits + shift, batch["label"]), atol=1e-6)
-
-
-def test_logit_adjustment_flag_is_recorded_and_checked(tmp_path, default_subset, caplog):
-    args = finetune.build_parser().parse_args([*FAST, "--epoch", "1", "--ckpt_dir", str(tmp_path / "a"),
-                                               "--data_path", str(default_subset), "--logit_adjustment", "1"])
-    with caplog.at_level(logging.INFO, logger="scbert"):
-        best = finetune.main(args)
-    assert "--logit_adjustment 1" in caplog.text
-    assert torch.load(best, weights_only=True)["args"]["logit_adjustment"] == 1.0
-    result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
-                        "--logit_adjustment", "-1")
-    assert result.returncode == 2 and "--logit_adjustment -1.0 is outside [0, 4]" in result.stderr
-    assert not (tmp_path / "o").exists()
-
-
 def test_label_smoothing_out_of_range_is_one_line_and_exit_2(tmp_path, default_subset):
     result = run_script("finetune.py", *FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "o"),
                         "--label_smoothing", "1")
@@ -368,14 +337,14 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
     mixed = pd.DataFrame([record("scratch", 2021, 0.86, label_smoothing=default),
                           record("unsmoothed", 2021, 0.81, label_smoothing=0.0),
                           record("weights", 2021, 0.84, label_smoothing=0.0),
-                          record("adjusted", 2021, 0.90, label_smoothing=default)]).assign(finetune_seconds=1.0)
+                          record("sampler", 2021, 0.90, label_smoothing=default)]).assign(finetune_seconds=1.0)
     report = bench.report(mixed, _Args(), 0.0)
     assert "| pbmc68k_reduced | weights (--label_smoothing 0) − unsmoothed | +0.030 | +0.030 | 2021 |" in report
     assert "| pbmc68k_reduced | unsmoothed − scratch | -0.050 | -0.050 | 2021 |" in report
-    assert "| pbmc68k_reduced | adjusted − scratch | +0.040 | +0.040 | 2021 |" in report
+    assert "| pbmc68k_reduced | sampler − scratch | +0.040 | +0.040 | 2021 |" in report
     assert "| pbmc68k_reduced | scratch |" in report and "scratch (--label_smoothing" not in report
     assert bench.label_smoothing_of(tmp_path) == 0.0  # no log: a run from before the flag
-    (tmp_path / "finetune_log.txt").write_text("rare types: --balance none, --label_smoothing 0.1, --logit_adjustment 0;")
+    (tmp_path / "finetune_log.txt").write_text("rare types: --balance none, --label_smoothing 0.1; validation keeps")
     assert bench.label_smoothing_of(tmp_path) == 0.1
     nothing = bench.keep_records(pd.DataFrame(), tmp_path / "absent.csv")
     assert bench.asked_runs(nothing, ["pbmc68k_reduced"], labels, [2021]).empty
