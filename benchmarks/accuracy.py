@@ -228,8 +228,7 @@ def keep_records(fresh, kept_path: Path):
         kept = kept[~kept.set_index(RUN_KEY).index.isin(fresh.set_index(RUN_KEY).index)]
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
     # records from before --label_smoothing existed trained with the published loss
-    table["label_smoothing"] = (table["label_smoothing"] if "label_smoothing" in table else
-                                pd.Series(np.nan, index=table.index)).fillna(0.0).astype(float)
+    table["label_smoothing"] = table.get("label_smoothing", pd.Series(np.nan, index=table.index)).fillna(0.0)
     table = table.sort_values(RUN_KEY, kind="stable").reset_index(drop=True)
     partial = kept_path.with_name(kept_path.name + ".partial")
     table.to_csv(partial, index=False, float_format="%.6g")
@@ -300,7 +299,8 @@ def report(table, args, minutes: float, carried: int = 0) -> str:
         "# Cell-type annotation accuracy with the default flags: scBERT vs L1 logistic regression",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared). finetune.py with its defaults "
-        f"(schedule auto, preset `small`, --balance, --label_smoothing and selection as shipped; a method that ran with another label smoothing says so); seeds {args.seeds}; each seed its own "
+        f"(schedule auto, preset `small`, --balance, --label_smoothing and selection as shipped; a method that "
+        f"ran with another label smoothing says so); seeds {args.seeds}; each seed its own "
         f"stratified 80/20 split (10% of the rest validates); test cells scored by evaluate.py; the regression is "
         f"`evaluate.py --baseline`, trained on the cells the model trained on."
         + (f" Union pretraining: pretrain.py {' '.join(UNION_PRETRAIN_FLAGS)} on the union of the other real sets, "
