@@ -56,6 +56,7 @@ def test_finetune_prints_its_schedule_and_writes_the_new_columns(tmp_path, defau
     with caplog.at_level(logging.INFO, logger="scbert"):
         finetune.main(args)
     assert "schedule auto for 163 training cells" in caplog.text and "2 epochs, peak lr 0.0003" in caplog.text
+    assert "head orientation (" in caplog.text  # a fresh head is oriented before training
     metrics = pd.read_csv(tmp_path / "finetune_metrics.csv")
     assert {"valid_types_missed", "valid_selection", "head_lifted_cells"} <= set(metrics.columns)
     assert np.allclose(metrics["valid_selection"], metrics["valid_macro_f1"] - metrics["valid_types_missed"])
@@ -121,6 +122,63 @@ def test_the_head_guard_revives_a_dead_head_and_changes_nothing_else():
         alive(tokens)
     assert guard.loss() == 0.0
     guard.remove()
+
+
+class FewCells:
+    """The part of a token dataset orient_head reads: dataset[list of items] -> {'tokens': (b, n)}."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, items):
+        return {"tokens": self.tokens[torch.as_tensor(items)]}
+
+
+def head_scores(model: PerformerLM, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(tokens) @ model.to_out.conv1.weight.view(-1) + model.to_out.conv1.bias
+
+
+def test_orient_head_points_each_gene_score_along_expression_whatever_the_draw():
+    rng = np.random.default_rng(1)
+    tokens = torch.from_numpy(rng.integers(1, 6, size=(60, 41)) * (rng.random((60, 41)) < 0.2)).long()  # 80% zeros
+    cells = FewCells(tokens)
+    oriented = []
+    for sign in (1.0, -1.0):  # the same draw and its mirror image
+        torch.manual_seed(0)
+        model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(3)
+        with torch.no_grad():
+            model.to_out.conv1.weight.mul_(sign)
+            model.to_out.conv1.bias.mul_(sign)
+        said = finetune.orient_head(model, cells, "cpu")
+        assert said.startswith("head orientation (60 training cells): ") and "--no-orient_head" in said
+        score = head_scores(model, tokens)
+        zero = tokens == 0
+        # the score rises with expression, the ReLU's threshold midway between absent and present
+        assert float(score[~zero].mean()) > 0 > float(score[zero].mean())
+        assert abs(float(score[zero].mean() + score[~zero].mean())) < 1e-4
+        assert model.training  # left in training mode
+        oriented.append((model.to_out.conv1.weight.clone(), model.to_out.conv1.bias.clone()))
+    # one draw and its mirror end the same: exactly one of them was flipped
+    assert torch.allclose(oriented[0][0], oriented[1][0]) and torch.allclose(oriented[0][1], oriented[1][1], atol=1e-6)
+    # cells all alike say nothing about the direction: the head is left as drawn
+    torch.manual_seed(0)
+    model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(3)
+    before = [p.clone() for p in model.to_out.conv1.parameters()]
+    assert "kept (every token" in finetune.orient_head(model, FewCells(torch.zeros(8, 41, dtype=torch.long)), "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.to_out.conv1.parameters()))
+
+
+def test_no_orient_head_trains_the_head_as_drawn(tmp_path, default_subset, caplog):
+    args = finetune.build_parser().parse_args([*FAST, "--epoch", "1", "--ckpt_dir", str(tmp_path),
+                                               "--data_path", str(default_subset), "--no-orient_head"])
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        finetune.main(args)
+    assert "head orientation" not in caplog.text
+    assert utils.read_checkpoint(tmp_path / "finetune_last.pth", mmap=True)["args"]["orient_head"] is False
 
 
 # --------------------------------------------------------------------------------------------------
