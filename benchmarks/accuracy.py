@@ -9,6 +9,7 @@ Every run goes through the command-line scripts with only the flags a user would
     scratch    finetune.py --from_scratch --seed S                      -> evaluate.py --baseline
     weights, sampler   the same with --balance weights / sampler (the study behind the --balance default)
     unsmoothed the same with --label_smoothing 0, the published loss (the study behind that default)
+    unoriented the same with --no-orient_head, the head as drawn (the study behind that default)
     ensemble   finetune.py --from_scratch --folds K --seed S            -> evaluate.py --model_path ensemble.pth --baseline
     union      pretrain.py on the union of the *other* real sets (the other dataset here and, when
                celltypist is installed, its bundled unlabelled sample cells), aligned to this
@@ -46,8 +47,10 @@ OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
 RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
 RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
-METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed")
-# weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss
+METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed", "unoriented")
+# weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss; unoriented:
+# scratch with the head as drawn
+SINGLE = ("scratch", "unoriented", "unsmoothed")  # the single models from scratch, in the order a pairing prefers
 
 # name -> (data path or None for the default data, label column, the flags a user adds from scratch)
 DATASETS = {
@@ -168,6 +171,8 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             start += ["--balance", method]
         if method == "unsmoothed":  # the study that chose the --label_smoothing default
             start += ["--label_smoothing", "0"]
+        if method == "unoriented":  # the study that chose the --orient_head default
+            start += ["--no-orient_head"]
         if method == "ensemble":
             start += ["--folds", str(folds)]
             model_path = folder / "ensemble.pth"
@@ -186,6 +191,7 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "baseline_accuracy": metrics["baseline"]["accuracy"], "baseline_macro_f1": metrics["baseline"]["macro_f1"],
             "predicted_types": predicted_types(folder), "label_smoothing": label_smoothing_of(folder),
+            "oriented": oriented_of(folder),
             "finetune_seconds": float(seconds_file.read_text()) if seconds_file.is_file() else float("nan"),
             "revision": revision_file.read_text().strip() if revision_file.is_file() else "?"}
 
@@ -195,6 +201,12 @@ def label_smoothing_of(folder: Path) -> float:
     log = folder / "finetune_log.txt"
     found = re.search(r"--label_smoothing ([0-9.eE+-]+)[,;]", log.read_text()) if log.is_file() else None
     return float(found.group(1)) if found else 0.0
+
+
+def oriented_of(folder: Path) -> bool:
+    """Whether a run oriented its fresh head (finetune.orient_head logs it; runs from before it did not)."""
+    log = folder / "finetune_log.txt"
+    return log.is_file() and "head orientation (" in log.read_text()
 
 
 def revision() -> str:
@@ -229,6 +241,9 @@ def keep_records(fresh, kept_path: Path):
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
     # records from before --label_smoothing existed trained with the published loss
     table["label_smoothing"] = table.get("label_smoothing", pd.Series(np.nan, index=table.index)).fillna(0.0)
+    # and those from before --orient_head trained the head as drawn
+    oriented = table.get("oriented", pd.Series(np.nan, index=table.index))
+    table["oriented"] = oriented.map(lambda v: False if pd.isna(v) else str(v) == "True")  # read back as text or bool
     table = table.sort_values(RUN_KEY, kind="stable").reset_index(drop=True)
     partial = kept_path.with_name(kept_path.name + ".partial")
     table.to_csv(partial, index=False, float_format="%.6g")
@@ -268,24 +283,34 @@ def known(values, how: str, spec: str) -> str:
 
 
 def shown_methods(table):
-    """The table's method column: a run whose --label_smoothing is not finetune.py's default says so, since
-    it did not train with the default flags (the 'unsmoothed' study, whose name says it, aside)."""
+    """The table's method column: a run that did not train with finetune.py's default --label_smoothing
+    or head orientation says which flag it had (the studies whose names say it aside)."""
     from finetune import DEFAULT_LABEL_SMOOTHING
 
-    ls = table["label_smoothing"]
-    off = (ls != DEFAULT_LABEL_SMOOTHING) & (table["method"] != "unsmoothed")
-    return table["method"].where(~off, table["method"] + ls.map(lambda v: f" (--label_smoothing {v:g})"))
+    def shown(row) -> str:
+        flags = []
+        if row["label_smoothing"] != DEFAULT_LABEL_SMOOTHING and row["method"] != "unsmoothed":
+            flags.append(f"--label_smoothing {row['label_smoothing']:g}")
+        if not row["oriented"] and row["method"] != "unoriented":
+            flags.append("--no-orient_head")
+        return row["method"] + (f" ({', '.join(flags)})" if flags else "")
+
+    return table.apply(shown, axis=1) if len(table) else table["method"]
 
 
-def single_reference(table, name: str, method: str, smoothing: float):
-    """The single from-scratch runs a method is paired with: for 'unsmoothed' the default 'scratch'; for
-    the others the from-scratch runs (scratch, else unsmoothed) that trained with the same label smoothing,
-    so that a difference is the method's alone."""
+def single_reference(table, name: str, method: str, smoothing: float, oriented: bool):
+    """The single from-scratch runs a method is paired with, so that a difference is the method's alone: for
+    a study ('unsmoothed', 'unoriented') the single runs that differ from it only in what it studies; for
+    the others the single runs (scratch, else unoriented, else unsmoothed) with the same label smoothing and
+    head orientation."""
+    from finetune import DEFAULT_LABEL_SMOOTHING
+
     rows = table[table["dataset"] == name]  # "plain": the method's own name, "method": the name shown
-    if method == "unsmoothed":
-        return rows[rows["plain"] == "scratch"]
-    for single in ("scratch", "unsmoothed"):
-        same = rows[(rows["plain"] == single) & (rows["label_smoothing"] == smoothing)]
+    want = {"unsmoothed": (DEFAULT_LABEL_SMOOTHING, oriented), "unoriented": (smoothing, True)}.get(
+        method, (smoothing, oriented))
+    for single in SINGLE:
+        same = rows[(rows["plain"] == single) & (rows["plain"] != method) & (rows["label_smoothing"] == want[0])
+                    & (rows["oriented"] == want[1])]
         if len(same):
             return same
     return rows.iloc[:0]
@@ -294,13 +319,15 @@ def single_reference(table, name: str, method: str, smoothing: float):
 def report(table, args, minutes: float, carried: int = 0) -> str:
     if "label_smoothing" not in table:
         table = table.assign(label_smoothing=0.0)
+    if "oriented" not in table:
+        table = table.assign(oriented=False)
     table = table.assign(method=shown_methods(table), plain=table["method"])
     lines = [
         "# Cell-type annotation accuracy with the default flags: scBERT vs L1 logistic regression",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared). finetune.py with its defaults "
-        f"(schedule auto, preset `small`, --balance, --label_smoothing and selection as shipped; a method that "
-        f"ran with another label smoothing says so); seeds {args.seeds}; each seed its own "
+        f"(schedule auto, preset `small`, --balance, --label_smoothing, head orientation and selection as "
+        f"shipped; a method that ran with another label smoothing or --no-orient_head says so); seeds {args.seeds}; each seed its own "
         f"stratified 80/20 split (10% of the rest validates); test cells scored by evaluate.py; the regression is "
         f"`evaluate.py --baseline`, trained on the cells the model trained on."
         + (f" Union pretraining: pretrain.py {' '.join(UNION_PRETRAIN_FLAGS)} on the union of the other real sets, "
@@ -337,7 +364,7 @@ def report(table, args, minutes: float, carried: int = 0) -> str:
         plain = part["plain"].iloc[0]
         if plain == "scratch":
             continue
-        reference = single_reference(table, name, plain, part["label_smoothing"].iloc[0])
+        reference = single_reference(table, name, plain, part["label_smoothing"].iloc[0], bool(part["oriented"].iloc[0]))
         both = part.merge(reference, on="seed", suffixes=("", "_scratch"))
         if len(both):
             compared.append(f"| {name} | {method} − {reference['method'].iloc[0]} | "
@@ -345,8 +372,8 @@ def report(table, args, minutes: float, carried: int = 0) -> str:
                             f"{paired(both['macro_f1'] - both['macro_f1_scratch'])} | "
                             f"{', '.join(map(str, both['seed']))} |")
     if compared:
-        lines += ["", "Against the single model from scratch with the same label smoothing, paired over the seeds both "
-                  "have (same test cells):", "",
+        lines += ["", "Against the single model from scratch with the same label smoothing and head orientation (a "
+                  "study: differing only in what it studies), paired over the seeds both have (same test cells):", "",
                   "| data | difference | accuracy | macro-F1 | seeds |", "|---|---|---|---|---|", *compared]
     lines += ["", f"Code revisions of these runs: {', '.join(sorted(set(table['revision'])))}."
               + (f" {carried} of the {len(table)} runs are from their records in {RECORDS.name} (their run folders are "

@@ -384,26 +384,37 @@ def test_the_accuracy_benchmark_keeps_run_records_a_lost_run_folder_still_counts
     assert list(zip(table["method"], table["seed"], table["accuracy"])) == [
         ("scratch", 2021, 0.81), ("scratch", 2022, 0.85), ("ensemble K=3", 2021, 0.83), ("weights", 2021, 0.84)]
     report = bench.report(table.assign(finetune_seconds=float("nan")), _Args(), 0.0, carried=2)
-    assert "| pbmc68k_reduced | weights (--label_smoothing 0) − scratch (--label_smoothing 0) | +0.030 | +0.030 | 2021 |" \
-        in report
+    assert ("| pbmc68k_reduced | weights (--label_smoothing 0, --no-orient_head) − scratch (--label_smoothing 0, "
+            "--no-orient_head) | +0.030 | +0.030 | 2021 |") in report
     assert "2 of the 4 runs are from their records" in report
-    # records from before --label_smoothing trained with the published loss: they say so, and a method is
-    # paired with the from-scratch runs of its own loss (the unsmoothed study with the default scratch)
-    assert (records["label_smoothing"] == 0.0).all()
+    # records from before --label_smoothing trained with the published loss and from before --orient_head
+    # with the head as drawn: they say so, and a method is paired with the from-scratch runs of its own loss
+    # and orientation; a study with the runs that differ only in what it studies
+    assert (records["label_smoothing"] == 0.0).all() and not records["oriented"].any()
     default = finetune.DEFAULT_LABEL_SMOOTHING
     assert default != 0.0
-    mixed = pd.DataFrame([record("scratch", 2021, 0.86, label_smoothing=default),
-                          record("unsmoothed", 2021, 0.81, label_smoothing=0.0),
-                          record("weights", 2021, 0.84, label_smoothing=0.0),
-                          record("sampler", 2021, 0.90, label_smoothing=default)]).assign(finetune_seconds=1.0)
+    mixed = pd.DataFrame([record("scratch", 2021, 0.86, label_smoothing=default, oriented=True),
+                          record("unoriented", 2021, 0.85, label_smoothing=default, oriented=False),
+                          record("unsmoothed", 2021, 0.81, label_smoothing=0.0, oriented=False),
+                          record("weights", 2021, 0.84, label_smoothing=0.0, oriented=False),
+                          record("ensemble K=3", 2021, 0.88, label_smoothing=default, oriented=False),
+                          record("sampler", 2021, 0.90, label_smoothing=default, oriented=True)]
+                         ).assign(finetune_seconds=1.0)
     report = bench.report(mixed, _Args(), 0.0)
-    assert "| pbmc68k_reduced | weights (--label_smoothing 0) − unsmoothed | +0.030 | +0.030 | 2021 |" in report
-    assert "| pbmc68k_reduced | unsmoothed − scratch | -0.050 | -0.050 | 2021 |" in report
+    assert ("| pbmc68k_reduced | weights (--label_smoothing 0, --no-orient_head) − unsmoothed (--no-orient_head) | "
+            "+0.030 | +0.030 | 2021 |") in report
+    assert "| pbmc68k_reduced | unsmoothed (--no-orient_head) − unoriented | -0.040 | -0.040 | 2021 |" in report
+    assert "| pbmc68k_reduced | unoriented − scratch | -0.010 | -0.010 | 2021 |" in report
+    assert "| pbmc68k_reduced | ensemble K=3 (--no-orient_head) − unoriented | +0.030 | +0.030 | 2021 |" in report
     assert "| pbmc68k_reduced | sampler − scratch | +0.040 | +0.040 | 2021 |" in report
-    assert "| pbmc68k_reduced | scratch |" in report and "scratch (--label_smoothing" not in report
+    assert "| pbmc68k_reduced | scratch |" in report and "scratch (--" not in report
+    assert not bench.oriented_of(tmp_path)  # no log: a run from before the orientation
     assert bench.label_smoothing_of(tmp_path) == 0.0  # no log: a run from before the flag
     (tmp_path / "finetune_log.txt").write_text("rare types: --balance none, --label_smoothing 0.1; validation keeps")
     assert bench.label_smoothing_of(tmp_path) == 0.1
+    with open(tmp_path / "finetune_log.txt", "a") as log:
+        log.write("\nhead orientation (128 training cells): flipped, threshold moved by +0.1; the ReLU now passes")
+    assert bench.oriented_of(tmp_path)
     nothing = bench.keep_records(pd.DataFrame(), tmp_path / "absent.csv")
     assert bench.asked_runs(nothing, ["pbmc68k_reduced"], labels, [2021]).empty
     assert not (tmp_path / "absent.csv").exists()
