@@ -11,8 +11,8 @@ stratified validation set (--valid_size; the most types recognised, then macro-F
 --patience epochs without a better one, and writes ckpts/finetune_best.pth (with the label names,
 gene panel and split indices that evaluate.py needs) and ckpts/finetune_last.pth (for --resume),
 finetune_metrics.csv and finetune_loss.png. The schedule and epoch count follow the number of
-training cells unless given (--schedule; train_utils.choose_schedule); a head guard keeps the
-published head from dying (HeadGuard).
+training cells unless given (--schedule; train_utils.choose_schedule); a fresh head is pointed
+along expression before training (orient_head) and a head guard keeps it from dying (HeadGuard).
 """
 from __future__ import annotations
 
