@@ -172,6 +172,21 @@ def test_orient_head_points_each_gene_score_along_expression_whatever_the_draw()
     assert all(torch.equal(a, b) for a, b in zip(before, model.to_out.conv1.parameters()))
 
 
+def test_orient_head_puts_expressed_genes_above_the_threshold_on_every_draw():
+    """Each bin has its own random embedding, so at initialisation the score is not monotone in the token:
+    with mostly low bins and a few high ones, a covariance with the token value points some draws the wrong
+    way (6 of these 40 tiny draws). The orientation follows the two groups its threshold sits between."""
+    rng = np.random.default_rng(1)
+    expressed = rng.random((60, 41)) < 0.2
+    tokens = torch.from_numpy(np.where(rng.random((60, 41)) < 0.9, 1, 5) * expressed).long()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        model = PerformerLM(get_config("tiny", gene_num=40, bin_num=5)).attach_classifier(3)
+        finetune.orient_head(model, FewCells(tokens), "cpu")
+        score = head_scores(model, tokens)
+        assert float(score[tokens > 0].mean()) > 0 > float(score[tokens == 0].mean()), seed
+
+
 def test_no_orient_head_trains_the_head_as_drawn(tmp_path, default_subset, caplog):
     args = finetune.build_parser().parse_args([*FAST, "--epoch", "1", "--ckpt_dir", str(tmp_path),
                                                "--data_path", str(default_subset), "--no-orient_head"])
