@@ -24,8 +24,8 @@ dataset it is fine-tuned on. Finished runs are kept (their eval/metrics.json) an
 Writes benchmarks/results_accuracy.md and benchmarks/out/accuracy_defaults/runs.csv, and keeps a record of
 every finished run in benchmarks/results_accuracy_runs.csv (in git: the run folders are a cache, and a
 run whose folder is gone still counts in the tables from its record; a run finished again replaces its
-record). Heavy on 2 CPU cores (one PBMC3k run is ~15-25 min); `--datasets pbmc68k_reduced --seeds 2021
---methods scratch` is one run.
+record). Heavy on 2 CPU cores (one PBMC3k run is ~35 min alone, ~50 min beside two others);
+`--datasets pbmc68k_reduced --seeds 2021 --methods scratch` is one run.
 """
 from __future__ import annotations
 
