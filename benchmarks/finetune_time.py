@@ -7,8 +7,8 @@ The cells are synthetic raw counts with type structure (each type raises its own
 genes over a negative-binomial background; type sizes fall geometrically, the rarest ~1%), written to
 benchmarks/out/finetune_time/cells.h5ad. finetune.py runs as a user would run it (--data_path,
 --label_key, --from_scratch: no pretrained checkpoint), in its own process; the wall time includes
-reading, the panel, the Gene2Vec-style embedding and every epoch. Appends a row to
-benchmarks/results_finetune_time.md.
+reading, the panel, the Gene2Vec-style embedding and every epoch. Adds a row to the table in
+benchmarks/results_finetune_time.md (after its last row: hand notes below the table stay below it).
 """
 from __future__ import annotations
 
@@ -84,8 +84,12 @@ def main() -> None:
             f"`python benchmarks/finetune_time.py` on {platform.machine()}, {os.cpu_count()} CPU cores (shared; the "
             "load average at the end is the last column). Bar: <= 25 minutes for ~5,000 cells x 500 genes.\n\n"
             "| date | cells x genes | epochs run | minutes | valid macro-F1 of the kept epoch | load |\n|---|---|---|---|---|---|\n")
-    with open(results, "a") as f:
-        f.write(row + "\n")
+    lines = results.read_text().splitlines()
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))  # the table, before any notes
+    lines.insert(last_row + 1, row)
+    partial = results.with_name(results.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    os.replace(partial, results)
     print(schedule)
     print(row)
 
