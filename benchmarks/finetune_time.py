@@ -78,13 +78,12 @@ def main() -> None:
     row = (f"| {time.strftime('%Y-%m-%d')} | {args.cells:,} x {args.genes} | {len(metrics)} | {minutes:.1f} | "
            f"{metrics.loc[metrics['valid_selection'].idxmax(), 'valid_macro_f1']:.3f} | {load:.1f} |")
     results = ROOT / "benchmarks" / "results_finetune_time.md"
-    if not results.is_file():
-        results.write_text(
-            "# Fine-tuning from scratch with the default flags: wall time\n\n"
-            f"`python benchmarks/finetune_time.py` on {platform.machine()}, {os.cpu_count()} CPU cores (shared; the "
-            "load average at the end is the last column). Bar: <= 25 minutes for ~5,000 cells x 500 genes.\n\n"
-            "| date | cells x genes | epochs run | minutes | valid macro-F1 of the kept epoch | load |\n|---|---|---|---|---|---|\n")
-    lines = results.read_text().splitlines()
+    header = ("# Fine-tuning from scratch with the default flags: wall time\n\n"
+              f"`python benchmarks/finetune_time.py` on {platform.machine()}, {os.cpu_count()} CPU cores (shared; the "
+              "load average at the end is the last column). Bar: <= 25 minutes for ~5,000 cells x 500 genes.\n\n"
+              "| date | cells x genes | epochs run | minutes | valid macro-F1 of the kept epoch | load |\n"
+              "|---|---|---|---|---|---|\n")
+    lines = (results.read_text() if results.is_file() else header).splitlines()
     last_row = max(i for i, line in enumerate(lines) if line.startswith("|"))  # the table, before any notes
     lines.insert(last_row + 1, row)
     partial = results.with_name(results.name + ".partial")
