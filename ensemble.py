@@ -10,7 +10,8 @@ all the others (as many cells as one split trains on), from --seed + k (data_uti
 finetune.train_split). The file holds no weights: each member is an ordinary fine-tuned checkpoint
 (loadable on its own and by the original code). evaluate.py --model_path ckpts/ensemble.pth scores every member and
 averages their softmax probabilities; the embeddings, UMAP, gene importance and kNN transfer use the
-first member.
+first member. Per cell it also reports the fold agreement: the share of members whose own top type is
+the ensemble's (1 where every fold calls the same type), the ensemble's own flag for cells to check.
 """
 from __future__ import annotations
 
@@ -91,3 +92,11 @@ def mean_probabilities(logits: Sequence[np.ndarray]) -> np.ndarray:
 def mean_log_probabilities(logits: Sequence[np.ndarray]) -> np.ndarray:
     """The log of the members' averaged probabilities: logits whose softmax is that average."""
     return np.log(np.maximum(mean_probabilities(logits), 1e-30))
+
+
+def fold_agreement(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """Per cell, the share of members whose own top class is the top class of the averaged
+    probabilities (1.0: every member calls it; with 3 members 2/3 or 1/3 where they split)."""
+    called = mean_probabilities(logits).argmax(axis=1)
+    own = np.stack([np.asarray(x).argmax(axis=1) for x in logits])
+    return (own == called).mean(axis=0)

@@ -152,14 +152,38 @@ def load_model(model_path: str, label_names_path: str | None, panel_path: str | 
 
 
 def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDataset, batch_size: int,
-                    ctx: utils.DistContext, precision: utils.Precision, num_workers: int) -> np.ndarray:
-    """The log of the members' averaged probabilities (the first member's logits given)."""
+                    ctx: utils.DistContext, precision: utils.Precision,
+                    num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """The log of the members' averaged probabilities (the first member's logits given), and per cell
+    the share of members whose own top class is the ensemble's."""
     logits = [first]
     for k, member in enumerate(loaded.other_members, start=2):
         started = time.time()
         logits.append(utils.predict(member, dataset, batch_size, ctx, precision, num_workers).logits)
         logger.info(f"ensemble member {k} of {len(loaded.other_members) + 1}: {time.time() - started:.1f} s")
-    return ensemble.mean_log_probabilities(logits).astype(np.float32)
+    return ensemble.mean_log_probabilities(logits).astype(np.float32), ensemble.fold_agreement(logits)
+
+
+def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarray | None,
+                     n_members: int) -> dict[str, Any]:
+    """metrics.json's fold_agreement: how many cells every fold model calls alike, and with labels the
+    accuracy of the ensemble's calls where they all agree and where they split."""
+    agree = agreement >= 1.0 - 1e-9
+    out: dict[str, Any] = {"n_members": int(n_members), "n_cells_all_agree": int(agree.sum()),
+                           "n_cells_split": int((~agree).sum()), "accuracy_all_agree": None, "accuracy_split": None}
+    line = (f"fold agreement: the {n_members} fold models call the same type for {int(agree.sum())} of "
+            f"{len(agree)} cells; {int((~agree).sum())} split (obs['scbert_fold_agreement'] < 1: the cells to check)")
+    labelled = None if truth is None else np.array([t is not None for t in truth], dtype=bool)
+    if labelled is not None and labelled.any():
+        right = labels.astype(str) == np.where(labelled, truth, "").astype(str)
+        parts = []
+        for key, part in (("accuracy_all_agree", agree & labelled), ("accuracy_split", ~agree & labelled)):
+            if part.any():
+                out[key] = float(right[part].mean())
+                parts.append(f"{out[key]:.3f} on {int(part.sum())}")
+        line += f"; accuracy where they agree / split: {' / '.join(parts)} labelled cells"
+    logger.info(line)
+    return out
 
 
 class Cells(NamedTuple):
@@ -263,6 +287,7 @@ class Embedded(NamedTuple):
     logits: np.ndarray | None  # (cells, classes) with a classifier head
     head: np.ndarray | None    # (cells, 128): the classifier head's embedding, obsm['X_scbert']
     seconds: float
+    agreement: np.ndarray | None = None  # of an ensemble: the share of folds whose top class is the ensemble's
 
 
 def embed(model: PerformerLM, dataset: utils.TokenDataset, batch_size: int, ctx: utils.DistContext,
@@ -453,6 +478,8 @@ def annotated_data(cells: Cells, embedded: Embedded, calls: Calls | None, classi
     if classifier is not None and classifier is not calls:
         scored.obs["scbert_classifier_label"] = categorical(classifier.labels, classifier)
         scored.obsm["scbert_classifier_probabilities"] = classifier.probabilities.astype(np.float32)
+    if embedded.agreement is not None:
+        scored.obs["scbert_fold_agreement"] = embedded.agreement.astype(np.float32)
     if voting is not None:
         clusters = voting.clusters.astype(str)
         scored.obs["scbert_over_clustering"] = pd.Categorical(
@@ -495,6 +522,8 @@ def write_results(out_dir: Path, scored: Any, calls: Calls | None, classifier: C
             table[f"prob_{name}"] = calls.probabilities[:, j]
         if classifier is not None and classifier is not calls:
             table["scbert_classifier_label"] = classifier.labels.astype(str)
+        if "scbert_fold_agreement" in scored.obs:
+            table["scbert_fold_agreement"] = scored.obs["scbert_fold_agreement"].to_numpy()
         if voting is not None:
             table["scbert_over_clustering"] = voting.clusters.astype(str)
             table["scbert_majority_voting"] = voting.labels.astype(str)
@@ -612,8 +641,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
     if loaded.other_members:
-        embedded = embedded._replace(logits=ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx,
-                                                            precision, args.num_workers))
+        logits, agreement = ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx, precision,
+                                            args.num_workers)
+        embedded = embedded._replace(logits=logits, agreement=agreement)
     classifier = classifier_calls(embedded.logits, loaded.classes, threshold) if loaded.classes is not None else None
     calls = classifier
     if reference is not None:
@@ -634,6 +664,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     embedded.seconds)
     if loaded.other_members:
         metrics["ensemble_members"] = [str(m) for m in loaded.ckpt[ensemble.ENSEMBLE_KEY]]
+        metrics["fold_agreement"] = agreement_report(embedded.agreement, classifier.labels, truth,
+                                                     len(loaded.other_members) + 1)
     baseline_labels = None
     if args.baseline:
         baseline_labels, metrics["baseline"] = run_baseline(cells.aligned, cells.input_format, truth_all,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -313,6 +314,19 @@ def test_folds_make_an_ensemble_that_evaluate_averages(tmp_path, default_subset)
     assert np.allclose(outs["ensemble"][probability_columns].to_numpy(), averaged, atol=1e-5)
     metrics = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
     assert metrics["ensemble_members"] == ens["ensemble"] and metrics["n_cells"] == len(single["test"])
+    # fold agreement: the share of the two folds whose own call is the ensemble's call
+    own = np.stack([outs[f]["scbert_label"].to_numpy() for f in ("fold0", "fold1")])
+    expected = (own == outs["ensemble"]["scbert_label"].to_numpy()).mean(axis=0)
+    assert np.allclose(outs["ensemble"]["scbert_fold_agreement"].to_numpy(), expected)
+    assert "scbert_fold_agreement" not in outs["fold0"].columns
+    agreement = metrics["fold_agreement"]
+    assert agreement["n_members"] == 2 and agreement["n_cells_all_agree"] == int((expected == 1).sum())
+    assert agreement["n_cells_all_agree"] + agreement["n_cells_split"] == len(single["test"])
+    truth, called = outs["ensemble"]["true_label"].to_numpy(), outs["ensemble"]["scbert_label"].to_numpy()
+    if agreement["n_cells_all_agree"]:
+        assert np.isclose(agreement["accuracy_all_agree"], (truth == called)[expected == 1].mean())
+    stored = ad.read_h5ad(tmp_path / "ensemble" / "predictions.h5ad")
+    assert np.allclose(stored.obs["scbert_fold_agreement"].to_numpy(), expected)
     row = summary[summary["fold"].astype(str) == "ensemble"].iloc[0]
     assert abs(row["test_accuracy"] - metrics["accuracy"]) < 1e-6
 
@@ -348,6 +362,12 @@ def test_ensemble_helpers():
     mean = ensemble.mean_probabilities([a, b])
     assert np.allclose(mean.sum(axis=1), 1) and np.allclose(mean, (ensemble.softmax(a) + ensemble.softmax(b)) / 2)
     assert ensemble.is_ensemble({"ensemble": []}) and not ensemble.is_ensemble({"model_state_dict": {}})
+    # three members: cell 0 every one calls class 0; cell 1 splits 2 : 1 and the average follows the two;
+    # cell 2 splits 2 : 1 but one confident member outweighs the other two, so only it agrees
+    x = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
+    y = np.array([[1.0, 0.0], [1.0, 0.0], [0.5, 0.0]])
+    z = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 6.0]])
+    assert np.allclose(ensemble.fold_agreement([x, y, z]), [1.0, 2 / 3, 1 / 3])
 
 
 def test_resume_keeps_the_schedule_it_started_with(tmp_path, default_subset, caplog):
