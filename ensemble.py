@@ -11,7 +11,7 @@ finetune.train_split). The file holds no weights: each member is an ordinary fin
 (loadable on its own and by the original code). evaluate.py --model_path ckpts/ensemble.pth scores every member and
 averages their softmax probabilities; the embeddings, UMAP, gene importance and kNN transfer use the
 first member. Per cell it also reports the fold agreement: the share of members whose own top type is
-the ensemble's (1 where every fold calls the same type), the ensemble's own flag for cells to check.
+the ensemble's (1 where every fold calls the same type; below 1, the cells the folds dispute).
 """
 from __future__ import annotations
 
