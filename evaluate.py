@@ -172,7 +172,7 @@ def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarra
     out: dict[str, Any] = {"n_members": int(n_members), "n_cells_all_agree": int(agree.sum()),
                            "n_cells_split": int((~agree).sum()), "accuracy_all_agree": None, "accuracy_split": None}
     line = (f"fold agreement: the {n_members} fold models call the same type for {int(agree.sum())} of "
-            f"{len(agree)} cells; {int((~agree).sum())} split (obs['scbert_fold_agreement'] < 1: the cells to check)")
+            f"{len(agree)} cells; {int((~agree).sum())} split (obs['scbert_fold_agreement'] < 1)")
     labelled = None if truth is None else np.array([t is not None for t in truth], dtype=bool)
     if labelled is not None and labelled.any():
         right = labels.astype(str) == np.where(labelled, truth, "").astype(str)
