@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -126,6 +127,7 @@ class Loaded(NamedTuple):
     panel: list[str]           # genes, in model order
     weights_hash: str          # annotation.checkpoint_hash of its weights
     other_members: tuple = ()  # an ensemble's members after the first (`model`), whose probabilities are averaged
+    is_ensemble: bool = False  # from an ensemble file (even of one member)
 
 
 def load_model(model_path: str, label_names_path: str | None, panel_path: str | None,
@@ -148,7 +150,7 @@ def load_model(model_path: str, label_names_path: str | None, panel_path: str | 
         classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
     panel = checkpoint_panel(ckpt, model.config.gene_num, panel_path)
     weights_hash = annotation.checkpoint_hash(model.state_dict())
-    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others)
+    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others, ensemble.is_ensemble(ckpt))
 
 
 def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDataset, batch_size: int,
@@ -164,16 +166,20 @@ def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDatas
     return ensemble.mean_log_probabilities(logits).astype(np.float32), ensemble.fold_agreement(logits)
 
 
-def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarray | None,
-                     n_members: int) -> dict[str, Any]:
+def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarray | None, classes: Sequence[str],
+                     n_members: int, calls: str = "ensemble") -> dict[str, Any]:
     """metrics.json's fold_agreement: how many cells every fold model calls alike, and with labels the
-    accuracy of the ensemble's calls where they all agree and where they split."""
+    accuracy of the ensemble classifier's calls (`labels`) where they all agree and where they split,
+    over the cells whose true type is one of the classes (as `accuracy` counts them). `calls` says
+    whose calls the accuracies are of: the ensemble's, or beside kNN calls the ensemble classifier's."""
     agree = agreement >= 1.0 - 1e-9
-    out: dict[str, Any] = {"n_members": int(n_members), "n_cells_all_agree": int(agree.sum()),
+    out: dict[str, Any] = {"n_members": int(n_members), "calls": calls, "n_cells_all_agree": int(agree.sum()),
                            "n_cells_split": int((~agree).sum()), "accuracy_all_agree": None, "accuracy_split": None}
     line = (f"fold agreement: the {n_members} fold models call the same type for {int(agree.sum())} of "
             f"{len(agree)} cells; {int((~agree).sum())} split (obs['scbert_fold_agreement'] < 1)")
-    labelled = None if truth is None else np.array([t is not None for t in truth], dtype=bool)
+    labelled = None if truth is None else (np.array([t is not None for t in truth], dtype=bool)
+                                           & np.isin(np.asarray(truth, dtype=object).astype(str),
+                                                     [str(c) for c in classes]))
     if labelled is not None and labelled.any():
         right = labels.astype(str) == np.where(labelled, truth, "").astype(str)
         parts = []
@@ -181,7 +187,8 @@ def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarra
             if part.any():
                 out[key] = float(right[part].mean())
                 parts.append(f"{out[key]:.3f} on {int(part.sum())}")
-        line += f"; accuracy where they agree / split: {' / '.join(parts)} labelled cells"
+        line += (f"; accuracy {'of the classifier ' if calls != 'ensemble' else ''}where they agree / split: "
+                 f"{' / '.join(parts)} labelled cells")
     logger.info(line)
     return out
 
@@ -640,7 +647,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threshold = args.unassign_thres if args.novel_type else None
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
-    if loaded.other_members:
+    if loaded.is_ensemble:
         logits, agreement = ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx, precision,
                                             args.num_workers)
         embedded = embedded._replace(logits=logits, agreement=agreement)
@@ -662,10 +669,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth = None if truth_all is None else truth_all[cells.rows]
     metrics = score(calls, classifier, voting, truth, label_key, cells, loaded, args.model_path, precision.mode,
                     embedded.seconds)
-    if loaded.other_members:
+    if loaded.is_ensemble:
         metrics["ensemble_members"] = [str(m) for m in loaded.ckpt[ensemble.ENSEMBLE_KEY]]
-        metrics["fold_agreement"] = agreement_report(embedded.agreement, classifier.labels, truth,
-                                                     len(loaded.other_members) + 1)
+        metrics["fold_agreement"] = agreement_report(embedded.agreement, classifier.labels, truth, loaded.classes,
+                                                     len(loaded.other_members) + 1,
+                                                     "ensemble" if reference is None else "classifier")
     baseline_labels = None
     if args.baseline:
         baseline_labels, metrics["baseline"] = run_baseline(cells.aligned, cells.input_format, truth_all,

@@ -144,6 +144,38 @@ def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: 
     return [{k: cells.rows[v] for k, v in split.items()} for split in splits]
 
 
+# the flags that decide which cells a run trains, validates and tests on, and what it predicts
+SPLIT_FLAGS = ("data_path", "label_key", "min_cells_per_class", "folds", "test_size", "valid_size",
+               "min_valid_per_class", "seed", "gene_num", "gene_panel")
+
+
+def check_resume(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, args: argparse.Namespace,
+                 label_names: list[str], panel: list[str]) -> None:
+    """With --resume, before anything is written: each run or fold checkpoint there is to continue was
+    started on the cells this command splits off (train, valid and test), from its seed, for its cell
+    types and on its gene panel. A different --seed or --test_size would otherwise go on training a
+    model on what are now the test cells (the data fingerprint alone does not see that)."""
+    if not args.resume:
+        return
+    for k, split in enumerate(splits):
+        path = ckpt_dir / (f"fold{k}" if len(splits) > 1 else "") / "finetune_last.pth"
+        if not path.is_file():
+            continue
+        stored = utils.read_checkpoint(path, mmap=True)
+        wanted = {"splits": {key: [int(i) for i in rows] for key, rows in split.items()},
+                  "seed": args.seed + (k if len(splits) > 1 else 0), "label_names": list(label_names),
+                  "gene_panel": list(panel)}
+        differ = [key for key, value in wanted.items() if key in stored and stored[key] != value]
+        if differ:
+            saved = stored.get("args", {})
+            flags = [f"--{f}" for f in SPLIT_FLAGS if f in saved and saved[f] != getattr(args, f, None)]
+            raise utils.InputError(
+                f"--resume: {path} was trained on other cells or types than this command gives (its "
+                f"{', '.join(d.replace('_', ' ') for d in differ)} differ"
+                + (f"; it was started with other {', '.join(flags)}" if flags else "")
+                + "); resume with the flags it started with, or start a new run in another --ckpt_dir")
+
+
 SCHEDULE_FLAGS = ("learning_rate", "min_lr", "cycle", "warmup", "lr_decay", "epoch")
 
 
@@ -544,7 +576,7 @@ def summary_table(rows: list[dict[str, Any]], test_logits: list[np.ndarray], tes
 
     table = pd.DataFrame(rows)
     metrics = [c for c in table.columns if c not in ("fold", "n_valid", "n_test")]
-    mean = {"fold": "mean", "n_valid": int(table["n_valid"].sum()), "n_test": int(table["n_test"].iloc[0]),
+    mean = {"fold": "mean", "n_valid": float(table["n_valid"].mean()), "n_test": int(table["n_test"].iloc[0]),
             **{m: table[m].mean() for m in metrics}}
     sd = {"fold": "sd", **{m: table[m].std(ddof=1) for m in metrics}}
     extra = [mean, sd]
@@ -583,6 +615,7 @@ def main(args: argparse.Namespace) -> Path:
                 f"most validation types, then has the highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
+    check_resume(splits, ckpt_dir, args, labelled.names, panel)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "

@@ -330,6 +330,14 @@ def test_folds_make_an_ensemble_that_evaluate_averages(tmp_path, default_subset)
     row = summary[summary["fold"].astype(str) == "ensemble"].iloc[0]
     assert abs(row["test_accuracy"] - metrics["accuracy"]) < 1e-6
 
+    # --resume with another seed would go on training fold models on what are now test cells: refused
+    before = (ckpts / "fold0" / "finetune_last.pth").read_bytes()
+    result = run_script("finetune.py", *FAST, "--epoch", "2", "--folds", "2", "--seed", "5", "--resume",
+                        "--data_path", str(default_subset), "--ckpt_dir", str(ckpts))
+    assert result.returncode == 2 and "--seed" in result.stderr and "splits" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (ckpts / "fold0" / "finetune_last.pth").read_bytes() == before
+
     # a fold re-trained since, or an ensemble given where one checkpoint is needed: one line, exit 2
     result = run_script("finetune.py", *FAST[:-2], "--model_path", str(ckpts / "ensemble.pth"),
                         "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path / "again"))
@@ -368,6 +376,33 @@ def test_ensemble_helpers():
     y = np.array([[1.0, 0.0], [1.0, 0.0], [0.5, 0.0]])
     z = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 6.0]])
     assert np.allclose(ensemble.fold_agreement([x, y, z]), [1.0, 2 / 3, 1 / 3])
+
+
+def test_fold_agreement_report_counts_like_accuracy():
+    import evaluate
+
+    agreement = np.array([1.0, 1.0, 0.5, 0.5, 1.0, 0.5])
+    calls = np.array(["A", "A", "B", "B", "A", "C"])
+    # cell 1's type was never learned and cell 3 has no label: neither counts, as in `accuracy`
+    truth = np.array(["A", "NOVEL", "B", None, "B", "C"], dtype=object)
+    got = evaluate.agreement_report(agreement, calls, truth, ["A", "B", "C"], 2)
+    assert got["n_members"] == 2 and got["calls"] == "ensemble"
+    assert got["n_cells_all_agree"] == 3 and got["n_cells_split"] == 3
+    assert got["accuracy_all_agree"] == 0.5 and got["accuracy_split"] == 1.0  # cells 0, 4 and 2, 5
+    unlabelled = evaluate.agreement_report(agreement, calls, None, ["A", "B", "C"], 2, "classifier")
+    assert unlabelled["calls"] == "classifier" and unlabelled["accuracy_all_agree"] is None
+    alike = evaluate.agreement_report(np.ones(6), calls, truth, ["A", "B", "C"], 3)
+    assert alike["n_cells_split"] == 0 and alike["accuracy_split"] is None and alike["accuracy_all_agree"] == 0.75
+
+
+def test_resume_refuses_a_run_started_on_other_cells(tmp_path, default_subset):
+    base = [*FAST, "--data_path", str(default_subset), "--ckpt_dir", str(tmp_path)]
+    finetune.main(finetune.build_parser().parse_args([*base, "--epoch", "1", "--seed", "4"]))
+    before = (tmp_path / "finetune_last.pth").read_bytes()
+    result = run_script("finetune.py", *base, "--epoch", "2", "--resume", "--test_size", "0.3", "--seed", "4")
+    assert result.returncode == 2 and "--test_size" in result.stderr and "splits" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "finetune_last.pth").read_bytes() == before
 
 
 def test_resume_keeps_the_schedule_it_started_with(tmp_path, default_subset, caplog):
