@@ -38,7 +38,7 @@ logger = logging.getLogger("scbert.data")
 
 DEFAULT_DATA_NAME = "pbmc68k_reduced"
 INPUT_FORMATS = ("counts", "log1p")
-READABLE_FORMATS = ".h5ad, 10x .h5, a 10x mtx folder, .csv/.tsv (cells x genes), .loom"
+READABLE_FORMATS = ".h5ad, 10x .h5, a 10x mtx folder, .csv/.tsv (cells x genes; text columns become obs), .loom"
 
 # ln(1 + CP10k) cannot exceed ln(10,001) ~ 9.2; anything non-integer above this is not log1p data.
 _LOG1P_MAX = 15.0
@@ -126,11 +126,8 @@ def read_dataset(path: str | os.PathLike | None, backed: bool = False) -> ad.Ann
         elif name.endswith(".loom"):
             var_key, obs_key = _loom_names(p)
             adata = ad.io.read_loom(p, sparse=True, var_names=var_key, obs_names=obs_key)
-        elif stem.endswith(".csv"):
-            adata = ad.io.read_csv(p, first_column_names=True)
-        elif stem.endswith((".tsv", ".txt")):
-            adata = ad.io.read_text(p, delimiter="\t" if stem.endswith(".tsv") else None,
-                                    first_column_names=True)
+        elif stem.endswith((".csv", ".tsv", ".txt")):
+            adata = _read_table(p, "," if stem.endswith(".csv") else "\t" if stem.endswith(".tsv") else r"\s+")
         else:
             raise InputError(f"{p}: unknown file type; accepted formats are {READABLE_FORMATS}")
     except InputError:
@@ -146,6 +143,23 @@ def read_dataset(path: str | os.PathLike | None, backed: bool = False) -> ad.Ann
     adata.var_names = adata.var_names.astype(str)
     adata.obs_names = adata.obs_names.astype(str)
     return adata
+
+
+def _read_table(path: Path, sep: str) -> ad.AnnData:
+    """A cells x genes text table: the first column names the cells, numeric columns are genes and
+    the others (such as a column of cell types) become obs columns."""
+    frame = pd.read_csv(path, sep=sep, index_col=0)
+    genes = frame.select_dtypes(include="number")
+    if genes.shape[1] == 0:
+        raise InputError(f"{path} has no numeric column: expected cells as rows and genes as columns, the first "
+                         f"column naming the cells")
+    obs = frame.drop(columns=genes.columns)
+    obs.index = frame.index.astype(str)
+    if obs.shape[1]:
+        logger.info(f"{path.name}: {genes.shape[1]} numeric columns read as genes; {obs.shape[1]} other(s) as obs "
+                    f"columns: {', '.join(map(str, obs.columns[:8]))}")
+    X = sp.csr_matrix(genes.to_numpy(dtype=np.float32, na_value=0.0))
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes.columns.astype(str)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,8 +548,29 @@ class _PanelMap:
         return out
 
 
+def rescale_for_model(X, data_format: str, model_format: str) -> sp.csr_matrix:
+    """Rows of X over all of the data's genes, in the input format a model was trained on, so that
+    they tokenise as its training cells did (before the panel is applied: the totals need every gene).
+
+    counts for a model trained on log1p data: ln(1 + CP10k) over all the data's genes, as scanpy's
+    normalize_total + log1p made its training data (CP10k over a small panel instead would lift
+    every gene by the panel's share of the counts, about 2 bins for a 765-gene panel).
+    log1p for a model trained on counts: expm1, i.e. CP10k over all genes, which the counts
+    tokeniser then renormalises over the panel exactly as it did the training counts."""
+    if data_format == model_format:
+        return X
+    if (data_format, model_format) == ("counts", "log1p"):
+        return log_normalised(X, "counts")
+    if (data_format, model_format) == ("log1p", "counts"):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        X.data = np.expm1(X.data)
+        return X
+    raise InputError(f"input format {data_format!r} / {model_format!r} is not known; use counts or log1p")
+
+
 def align_to_panel(adata: ad.AnnData, panel: Sequence[str], min_overlap: float = 0.1,
-                   input_format: str = "auto", gene_map: GeneMap | None = None) -> ad.AnnData:
+                   input_format: str = "auto", gene_map: GeneMap | None = None,
+                   model_format: str | None = None) -> ad.AnnData:
     """Cells x len(panel) CSR float32 AnnData in panel order (var_names = panel).
 
     Genes outside the panel are dropped, panel genes the data lacks are 0, genes occurring twice are
@@ -548,8 +583,16 @@ def align_to_panel(adata: ad.AnnData, panel: Sequence[str], min_overlap: float =
     the expression scale for log1p data): gene_overlap_table reads them. A backed input is read block
     by block but the result is in memory; for data larger than RAM give the panel to TokenDataset
     instead, which aligns each batch as it reads it.
+    model_format: the input format of the model's training cells, when known (our checkpoints record
+    it): data in the other format is rescaled to it first (rescale_for_model), the values come back
+    in that format, and uns['scbert_data_format'] keeps the data's own.
     """
     fmt = detect_input_format(adata, input_format)
+    target = model_format or fmt
+    if target != fmt:
+        logger.info(f"note: the model was trained on {target} data and these are {fmt}: rescaled to match ("
+                    + ("ln(1 + CP10k) over all the data's genes, as scanpy's normalize_total + log1p" if target == "log1p"
+                       else "expm1, then CP10k over the panel genes as the counts were") + ")")
     pmap = _PanelMap(adata, panel, gene_map)
     pmap.check(min_overlap)
     reader = _RowReader(adata)
@@ -557,7 +600,7 @@ def align_to_panel(adata: ad.AnnData, panel: Sequence[str], min_overlap: float =
     try:
         parts = []
         for _, block in reader.blocks():
-            parts.append(pmap.apply(block, fmt))
+            parts.append(pmap.apply(rescale_for_model(block, fmt, target), target))
             values = np.expm1(block.data.astype(np.float64)) if fmt == "log1p" else block.data
             column_totals += np.bincount(block.indices, weights=values, minlength=adata.n_vars)
     finally:
@@ -581,7 +624,8 @@ def align_to_panel(adata: ad.AnnData, panel: Sequence[str], min_overlap: float =
     out.uns.update(dict(adata.uns))
     out.uns["scbert_panel_overlap"] = {"found": int(pmap.found), "total": int(pmap.total),
                                        "matched_on": pmap.matched_on, "count_share": float(share.sum())}
-    out.uns["scbert_input_format"] = fmt
+    out.uns["scbert_input_format"] = target
+    out.uns["scbert_data_format"] = fmt
     return out
 
 

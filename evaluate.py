@@ -107,11 +107,13 @@ def scored_cells(adata: Any, ckpt: dict[str, Any], all_cells: bool) -> tuple[np.
 
 
 def true_labels(adata: Any, label_key: str, explicit: bool) -> np.ndarray | None:
-    """Labels as strings (None where missing), or None without the column."""
+    """Labels as strings (None where missing), or None without the column: an error when the user
+    named it (--label_key), since a misspelt column would silently cost the scores."""
     labels = utils.read_labels(adata, label_key)
     if labels is None and explicit:
-        logger.info(f"note: no column '{label_key}' in the data's obs (it has: {utils.obs_columns(adata)}); "
-                    f"annotating without scores")
+        raise utils.InputError(f"--label_key {label_key!r}: the data's obs has no such column (it has: "
+                               f"{utils.obs_columns(adata)}); pass the column with the true types, or leave "
+                               f"--label_key off to annotate without scores")
     return labels
 
 
@@ -196,13 +198,14 @@ def agreement_report(agreement: np.ndarray, labels: np.ndarray, truth: np.ndarra
 class Cells(NamedTuple):
     """The data to annotate, on the model's panel, and which of its cells are scored."""
     adata: Any               # as read
-    aligned: Any             # on the model's gene panel
-    input_format: str
+    aligned: Any             # on the model's gene panel, in the input format of its training cells
+    input_format: str        # aligned's (the model's where it records one)
     rows: np.ndarray         # the scored cells (rows of adata)
     same_data: bool          # the data the checkpoint was fine-tuned on
     scope: str               # which cells, in words
     overlap: dict[str, Any]  # panel genes found in the data
     name: str                # the data, in words
+    data_format: str = ""    # adata's own input format
 
 
 def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], input_format: str,
@@ -223,12 +226,14 @@ def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], i
     rows, same_data, scope = scored_cells(adata, ckpt, all_cells)
     if len(rows) == 0:
         raise utils.InputError(f"{name} holds no cells to annotate; pass a non-empty dataset")
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map,
+                                   model_format=ckpt.get("input_format"))
     overlap = dict(aligned.uns["scbert_panel_overlap"])
     logger.info(f"data: {name}, {adata.n_obs} cells x {adata.n_vars} genes ({input_format}); "
                 f"{overlap['found']} of {overlap['total']} panel genes found ({overlap['found'] / overlap['total']:.1%}), "
                 f"{overlap['count_share']:.1%} of the counts")
-    return Cells(adata, aligned, input_format, rows, same_data, scope, overlap, str(name))
+    return Cells(adata, aligned, aligned.uns["scbert_input_format"], rows, same_data, scope, overlap, str(name),
+                 input_format)
 
 
 def note_sparse_cells(cells: Cells, panel: list[str]) -> None:
@@ -279,7 +284,13 @@ def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
     if "X_scbert_encoder" in adata.obsm:
         logger.info(f"note: {path} holds embeddings of another checkpoint (or pooling); embedding its cells again")
     try:
-        dataset = utils.TokenDataset(adata, input_format, loaded.model.config.bin_num, indices=rows,
+        model_format = loaded.ckpt.get("input_format")
+        data_format = utils.detect_input_format(adata, input_format)
+        if model_format is not None and data_format != model_format:  # rescaled in memory, as align_cells does
+            adata = utils.align_to_panel(adata.to_memory() if adata.isbacked else adata, loaded.panel,
+                                         input_format=data_format, gene_map=gene_map, model_format=model_format)
+            data_format = model_format
+        dataset = utils.TokenDataset(adata, data_format, loaded.model.config.bin_num, indices=rows,
                                      panel=loaded.panel, gene_map=gene_map)
     except utils.InputError as err:
         raise utils.InputError(f"the reference {path}: {err}") from None
@@ -357,7 +368,7 @@ def vote(calls: Calls, cells: Cells, encoder: np.ndarray, encoder_graph: Any, sp
     started = time.time()
     graph = encoder_graph
     if space == "expression" and len(cells.rows) >= 5:
-        graph = annotation.expression_graph(cells.adata[cells.rows], cells.input_format, seed)
+        graph = annotation.expression_graph(cells.adata[cells.rows], cells.data_format, seed)
     clusters, resolution = annotation.over_cluster(encoder, seed, graph)
     labels = annotation.majority_vote(clusters, calls.labels, calls.confidence)
     logger.info(f"majority voting: {len(set(clusters))} clusters (Leiden on the {space} graph, resolution "
@@ -416,7 +427,8 @@ def score(calls: Calls | None, classifier: Calls | None, voting: Voting | None, 
         "unassign_thres": calls.threshold if calls is not None else None,
         "classes": calls.classes if calls is not None else [],
         "label_key": label_key if truth is not None else None, "panel_overlap": cells.overlap,
-        "input_format": cells.input_format, "amp": amp, "inference_seconds": round(seconds, 3),
+        "input_format": cells.data_format, "tokenised_as": cells.input_format, "amp": amp,
+        "inference_seconds": round(seconds, 3),
         "cells_per_second": round(n / max(seconds, 1e-9), 1),
         "checkpoint_hash": loaded.weights_hash, "encoder_pooling": annotation.POOLING,
     }
@@ -572,7 +584,8 @@ def check_flags(novel_type: bool, unassign_thres: float, batch_size: int | None,
     if novel_type and not 0.0 < unassign_thres <= 1.0:
         raise utils.InputError(f"--unassign_thres {unassign_thres} is not a probability in (0, 1]; use e.g. 0.5")
     if (batch_size is not None and batch_size < 1) or top_genes < 1 or importance_cells < 1 or knn_k < 1:
-        raise utils.InputError("--batch_size, --top_genes, --importance_cells and --knn_k must be positive")
+        raise utils.InputError("--batch_size, --top_genes, --importance_cells and --knn_k must be positive; give each a "
+                               "number above 0")
 
 
 def check_baseline_inputs(truth_all: np.ndarray | None, same_data: bool, label_key: str) -> None:
@@ -628,7 +641,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{ctx.device.type}")
     note_sparse_cells(cells, loaded.panel)
     label_key = args.label_key or loaded.ckpt.get("label_key") or "celltype"
-    truth_all = true_labels(cells.adata, label_key, explicit=args.label_key is not None or args.baseline)
+    truth_all = true_labels(cells.adata, label_key, explicit=args.label_key is not None)
     if args.baseline:
         check_baseline_inputs(truth_all, cells.same_data, label_key)
         utils.require_in_memory(cells.aligned, "--baseline (it trains on the cells' whole expression matrix)")

@@ -82,6 +82,9 @@ def choose_panel(start: dict | None, start_path: Path | None, gene_panel: str | 
         if len(panel) != config.gene_num:
             raise utils.InputError(f"the gene panel has {len(panel)} genes but {start_path} was trained on "
                                    f"{config.gene_num}; pass the panel the checkpoint was trained with")
+        if gene_num is not None:
+            logger.info(f"note: --gene_num {gene_num} does not apply: the model starts from {start_path} and keeps "
+                        f"its panel of {len(panel)} genes (--from_scratch chooses genes from the data)")
         return list(panel)
     if gene_panel:
         return utils.load_gene_panel(gene_panel)
@@ -101,7 +104,12 @@ def labelled_cells(adata, label_key: str, min_cells_per_class: int) -> LabelledC
     """The labelled cells of obs[label_key], leaving out types with fewer than min_cells_per_class."""
     labels = utils.read_labels(adata, label_key)
     if labels is None:
-        raise utils.InputError(f"the data has no obs column {label_key!r} (columns: {utils.obs_columns(adata)}); "
+        columns = utils.obs_columns(adata)
+        if columns == "none":  # a 10x folder or .h5, or a table of genes only: nothing to name
+            raise utils.InputError(f"the data has no obs column {label_key!r}: it has no obs columns at all (10x "
+                                   f"files carry no cell types); add the types as a column of an .h5ad's obs, or "
+                                   f"as a text column of a .csv beside the genes, and pass its name as --label_key")
+        raise utils.InputError(f"the data has no obs column {label_key!r} (columns: {columns}); "
                                f"pass --label_key with the column holding the cell types")
     rows = np.flatnonzero([label is not None for label in labels])
     if len(rows) == 0:
@@ -137,6 +145,9 @@ def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: 
     if valid_size <= 0:
         raise utils.InputError(f"--valid_size {valid_size} leaves no validation cells, and they choose the best "
                                f"epoch and stop the run; use a fraction such as 0.1")
+    if folds and folds < 2:
+        raise utils.InputError(f"--folds {folds} makes no ensemble (one fold is the single run); use --folds 2 or "
+                               f"more, or leave it off")
     if folds and folds > 1:  # each fold validates on a stratified draw from its K-th of the non-test cells
         splits = utils.stratified_folds(cells.labels, folds, test_size, seed, valid_size, min_valid_per_class)
     else:
@@ -616,10 +627,13 @@ def main(args: argparse.Namespace) -> Path:
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
     check_resume(splits, ckpt_dir, args, labelled.names, panel)
-    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map)
+    # tokenised as the starting checkpoint's cells were (rescaled where the data is in the other format)
+    aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map,
+                                   model_format=start.get("input_format") if start is not None else None)
+    data_format, input_format = input_format, aligned.uns["scbert_input_format"]
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "
-                f"{found['total']} panel genes found ({input_format} input)")
+                f"{found['total']} panel genes found ({data_format} input)")
     if balance == "sampler":
         utils.require_in_memory(aligned, "--balance sampler (it draws cells at random)", "use --balance weights")
     utils.check_writable_dir(ckpt_dir, "--ckpt_dir")  # after the inputs are known good: an error leaves nothing behind

@@ -108,7 +108,8 @@ def load_gene2vec(path: str | os.PathLike, panel: Sequence[str],
     if n_found == 0:
         raise InputError(f"none of the {len(panel)} panel genes is in {p} (it has e.g. {', '.join(genes[:5])}); use "
                          "embeddings with the panel's gene naming")
-    logger.info("Gene2Vec: %d of %d panel genes found in %s; the others get zero vectors", n_found, len(panel), p)
+    logger.info("Gene2Vec: %d of %d panel genes found in %s%s", n_found, len(panel), p,
+                "; the others get zero vectors" if n_found < len(panel) else "")
     return table, n_found
 
 

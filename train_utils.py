@@ -101,7 +101,12 @@ def configure_from_environment(environ: Mapping[str, str] = os.environ) -> None:
 def run_main(main: Callable[[Any], Any], parser: Any, argv: list[str] | None = None) -> Any:
     """Parses arguments, applies the environment's overrides and runs main(args). A problem the user
     can fix (InputError) ends the script with one line on stderr and exit code 2; --debug shows the
-    traceback instead."""
+    traceback instead. A flag argparse cannot parse is one line and exit code 2 as well (not its usage)."""
+    def one_line(message: str) -> None:
+        print(f"error: {message}; see python {parser.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line
     args = parser.parse_args(argv)
     try:
         configure_from_environment()
@@ -442,17 +447,17 @@ def choose_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> Schedu
         epochs = int(min(max(math.ceil(passes / n), low), high))
         values = {"learning_rate": 3e-4 if small else 1e-4, "min_lr": 1e-6, "cycle": None, "warmup": 0,
                   "lr_decay": 0.9}
-        why = (f"auto for {n:,} training cells ({'fewer than 10^4' if small else 'more than 10^5'}: "
-               f"--schedule published for the published one)")
+        why = (f"auto for {n:,} training cells ({'fewer than 10^4' if small else 'more than 10^5'}; "
+               f"--schedule published gives the published one)")
     chosen = {k: (given.get(k) if given.get(k) is not None else v) for k, v in values.items()}
     epochs = int(given["epoch"]) if given.get("epoch") is not None else epochs
+    if epochs < 1:
+        raise InputError(f"--epoch {epochs} must be at least 1; give the number of epochs to train")
     if chosen["cycle"] is None:
         chosen["cycle"] = epochs  # one cosine over the run
     for name in ("learning_rate", "cycle"):
         if not chosen[name] > 0:
-            raise InputError(f"--{name} {chosen[name]} must be positive")
-    if epochs < 1:
-        raise InputError(f"--epoch {epochs} must be at least 1")
+            raise InputError(f"--{name} {chosen[name]} must be positive; give a value above 0")
     if not 0 <= chosen["warmup"] < chosen["cycle"]:
         raise InputError(f"--warmup {chosen['warmup']} must be at least 0 and shorter than the cycle "
                          f"({chosen['cycle']} epochs); lower --warmup or raise --cycle")

@@ -69,12 +69,21 @@ def data_fingerprint(data: Any) -> str:
 
 
 def align_to_panel(data: Any, panel: list[str], min_overlap: float = 0.1, input_format: str = "auto",
-                   gene_map: GeneMap | None = None) -> Any:
-    """data_utils.align_to_panel for an AnnData (a copy on the panel, in memory); for a source, its
-    AlignedCells (each shard mapped to the panel, read as it is used)."""
+                   gene_map: GeneMap | None = None, model_format: str | None = None) -> Any:
+    """data_utils.align_to_panel for an AnnData (a copy on the panel, in memory; rescaled to
+    model_format, the input format of the model's training cells, where it differs); for a source,
+    its AlignedCells (each shard mapped to the panel, read as it is used), which must be in the
+    model's format already."""
     if isinstance(data, CellSource):
-        return data.align(panel, min_overlap, input_format, gene_map)
-    return data_utils.align_to_panel(data, panel, min_overlap, input_format, gene_map)
+        fmt = data.input_format(input_format)
+        if model_format is not None and fmt != model_format:
+            raise InputError(f"the model was trained on {model_format} data and {data.path} holds {fmt}, which a "
+                             f"streamed source is not rescaled from; "
+                             + ("normalise it with scanpy normalize_total(target_sum=1e4) + log1p over all its genes"
+                                if model_format == "log1p" else "supply its raw counts")
+                             + ", or load it as one in-memory .h5ad (it is then rescaled)")
+        return data.align(panel, min_overlap, fmt, gene_map)
+    return data_utils.align_to_panel(data, panel, min_overlap, input_format, gene_map, model_format)
 
 
 def filter_cells_min_genes(aligned: Any, min_genes: int = 200, drop: bool = True) -> np.ndarray:

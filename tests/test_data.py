@@ -111,6 +111,29 @@ def test_log1p_not_renormalised():
     np.testing.assert_array_equal(du.tokenize_matrix(X, "log1p", 5)[0], [2, 0, 0, 0])
 
 
+def test_data_in_the_other_format_is_rescaled_to_tokenise_as_the_model_was_trained():
+    # a panel of a third of the genes: CP10k over it would lift every gene by ~log2(3) bins
+    rng = np.random.default_rng(8)
+    X = rng.poisson(rng.gamma(0.3, 1.0, size=(30, 3000))).astype(np.float64)
+    counts = make_adata(X.astype(np.float32))
+    log1p = make_adata((np.log1p(X * 1e4 / X.sum(1, keepdims=True))).astype(np.float32))  # over all 3,000 genes
+    panel = list(counts.var_names[::3])
+    on_log1p = du.tokenize(du.align_to_panel(log1p, panel), 5, "log1p")
+    for_log1p_model = du.align_to_panel(counts, panel, model_format="log1p")
+    assert for_log1p_model.uns["scbert_input_format"] == "log1p"
+    assert for_log1p_model.uns["scbert_data_format"] == "counts"
+    np.testing.assert_array_equal(du.tokenize(for_log1p_model, 5, "log1p"), on_log1p)
+    on_counts = du.tokenize(du.align_to_panel(counts, panel), 5, "counts")
+    assert (on_counts != on_log1p).mean() > 0.1  # what the model would have seen without the rescaling
+    for_counts_model = du.align_to_panel(log1p, panel, model_format="counts")
+    assert for_counts_model.uns["scbert_input_format"] == "counts"
+    same = du.tokenize(for_counts_model, 5, "counts") == on_counts  # float32 storage may move a value at an edge
+    assert same.mean() > 0.999, same.mean()
+    # the format the model records is what its cells already are: unchanged
+    np.testing.assert_array_equal(du.align_to_panel(counts, panel, model_format="counts").X.toarray(),
+                                  du.align_to_panel(counts, panel).X.toarray())
+
+
 def test_tokenize_in_small_row_slices(monkeypatch):
     # rows are binned a slice of stored values at a time; slices smaller than a row must not matter
     a = toy_counts(25, 40, seed=4)
@@ -595,6 +618,19 @@ def test_readers_all_formats(tmp_path):
         X = r.X.toarray() if sp.issparse(r.X) else np.asarray(r.X)
         np.testing.assert_array_equal(X, dense, err_msg=name)
         assert du.detect_input_format(r) == "counts"
+    # a table with a column of cell types beside the genes (a space-separated .txt.gz too): it becomes obs
+    labelled = df.copy()
+    labelled.insert(0, "cell_type", ["B" if i % 2 else "T" for i in range(12)])
+    labelled.to_csv(tmp_path / "l.csv")
+    labelled.to_csv(tmp_path / "l.txt.gz", sep=" ")
+    for name in ("l.csv", "l.txt.gz"):
+        r = du.read_dataset(tmp_path / name)
+        assert r.shape == (12, 6) and list(r.var_names) == list(a.var_names), name
+        np.testing.assert_array_equal(r.X.toarray(), dense, err_msg=name)
+        assert list(du.read_labels(r, "cell_type")) == list(labelled["cell_type"]), name
+    pd.DataFrame({"type": ["a", "b"]}, index=["c1", "c2"]).to_csv(tmp_path / "nogenes.csv")
+    with pytest.raises(du.InputError, match="no numeric column"):
+        du.read_dataset(tmp_path / "nogenes.csv")
 
 
 def test_reader_errors(tmp_path):

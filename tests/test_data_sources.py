@@ -186,6 +186,10 @@ def test_shards_with_different_genes_share_a_panel_and_stream_the_same_highly_va
     assert np.array_equal(aligned.token_dataset(5).tokens_of_rows(np.arange(adata.n_obs)), expected)
     assert not aligned.found_mask[:40].any() and aligned.found_mask[40:].all()
 
+    # a streamed source is not rescaled: in the other format than the model's, one clear error
+    with pytest.raises(utils.InputError, match="trained on log1p data.*normalize_total"):
+        utils.align_to_panel(source, panel, input_format="counts", model_format="log1p")
+
     # --gene_num from a streamed sample: every cell when the data is smaller than the sample
     write_shards(adata, tmp_path / "same")
     same_genes = utils.open_cells(tmp_path / "same")

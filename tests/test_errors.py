@@ -56,6 +56,28 @@ def test_scaled_data_is_refused_with_the_override_named(tmp_path, out, capsys):
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--lable_key", "x"], "unrecognized arguments: --lable_key x; see python"),
+    (["--folds", "1"], "--folds 1 makes no ensemble"),
+    (["--epoch", "0"], "--epoch 0 must be at least 1"),
+])
+def test_a_misspelt_flag_or_a_count_out_of_range_is_one_line(argv, expected, out, capsys):
+    err = run_in_process(finetune, [*argv, "--from_scratch", "--ckpt_dir", str(out)], capsys)
+    assert expected in err
+    assert_nothing_written(out)
+
+
+def test_no_label_column_in_a_file_without_obs(tmp_path, out, capsys):
+    adata = labelled_counts()
+    adata.obs = adata.obs.iloc[:, :0]  # as a 10x folder reads
+    path = tmp_path / "plain.h5ad"
+    adata.write_h5ad(path)
+    err = run_in_process(finetune, ["--data_path", str(path), "--label_key", "cell_type", "--from_scratch",
+                                    "--ckpt_dir", str(out)], capsys)
+    assert "no obs columns at all" in err and "--label_key" in err
+    assert_nothing_written(out)
+
+
 def test_no_label_column(tmp_path, out, capsys):
     err = run_in_process(finetune, ["--label_key", "cell_type_fine", "--ckpt_dir", str(out), "--from_scratch"],
                          capsys)

@@ -292,11 +292,13 @@ def test_empty_dataset(tmp_path, finetuned, default_data):
     assert not (tmp_path / "out").exists()
 
 
-def test_baseline_needs_labels(tmp_path, finetuned):
+def test_a_label_key_the_data_lacks_is_an_error_and_baseline_needs_labels(tmp_path, finetuned):
     path, _ = finetuned
+    with pytest.raises(InputError, match="'no_such_column': the data's obs has no such column.*leave --label_key off"):
+        run_evaluate("--model_path", str(path), "--label_key", "no_such_column", "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="--baseline needs true labels"):
-        run_evaluate("--model_path", str(path), "--label_key", "no_such_column", "--baseline",
-                     "--output_dir", str(tmp_path / "out"))
+        evaluate.check_baseline_inputs(None, True, "celltype")
 
 
 def test_failed_write_leaves_nothing(tmp_path, finetuned, default_data, monkeypatch):
