@@ -14,6 +14,9 @@ Every run goes through the command-line scripts with only the flags a user would
     union      pretrain.py on the union of the *other* real sets (the other dataset here and, when
                celltypist is installed, its bundled unlabelled sample cells), aligned to this
                dataset's panel, then finetune.py --model_path that/pretrain.pth --seed S -> evaluate.py --baseline
+    quickstart the README's main job: pretrain.py with its defaults on this dataset's own cells (all of
+               them, unlabelled, as `python pretrain.py` does) --seed S, then finetune.py from that
+               checkpoint --seed S -> evaluate.py --baseline
 
 For one seed every method holds out the same stratified test cells (the ensemble's outer test split is
 the single model's test split), and evaluate.py --baseline trains the regression on the cells the
@@ -47,7 +50,7 @@ OUT = ROOT / "benchmarks" / "out" / "accuracy_defaults"
 RECORDS = ROOT / "benchmarks" / "results_accuracy_runs.csv"  # one row per finished run, kept in git
 RUN_KEY = ["dataset", "method", "seed"]
 PBMC3K = ROOT.parent / "shared" / "data" / "pbmc3k_silver.h5ad"
-METHODS = ("scratch", "ensemble", "union", "weights", "sampler", "unsmoothed", "unoriented")
+METHODS = ("scratch", "ensemble", "union", "quickstart", "weights", "sampler", "unsmoothed", "unoriented")
 # weights/sampler: scratch with that --balance; unsmoothed: scratch with the published loss; unoriented:
 # scratch with the head as drawn
 SINGLE = ("scratch", "unoriented", "unsmoothed")  # the single models from scratch, in the order a pairing prefers
@@ -164,6 +167,12 @@ def one_method(name: str, method: str, seed: int, args, out: Path, folds: int = 
             if not pretrained.is_file():
                 run(script("pretrain.py") + ["--data_path", str(union), "--ckpt_dir", str(pretrained.parent),
                                              *UNION_PRETRAIN_FLAGS], pretrained.parent / "log.txt")
+            start = ["--model_path", str(pretrained)]
+        elif method == "quickstart":  # pretrain.py's own defaults, on these cells, this seed
+            pretrained = folder / "pretrain" / "pretrain.pth"
+            if not pretrained.is_file():
+                run(script("pretrain.py") + data_flags(path) + extra +
+                    ["--seed", str(seed), "--ckpt_dir", str(pretrained.parent)], pretrained.parent / "log.txt")
             start = ["--model_path", str(pretrained)]
         else:
             start = ["--from_scratch", *extra]
