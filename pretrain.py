@@ -9,7 +9,6 @@ Writes ckpts/pretrain.pth every epoch (atomically), pretrain_metrics.csv and pre
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -169,18 +168,6 @@ def main(args: argparse.Namespace) -> Path:
     return ckpt_path
 
 
-def schedule_flags(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
-    """The schedule flags the user gave (None: not given), --epoch always. A resumed run takes those
-    not given from its checkpoint, so it continues on the schedule it started with (a run from before
-    --schedule stored none: it ran the published values)."""
-    given = {k: getattr(args, k) for k in ("learning_rate", "min_lr", "cycle", "warmup", "lr_decay", "epoch")}
-    if resume is not None:
-        stored = resume.get("schedule") or dict(utils.PUBLISHED_SCHEDULE)
-        given = {k: (v if v is not None else stored.get(k)) for k, v in given.items()}
-        logger.info("--resume: the schedule the run started with, unless given")
-    return given
-
-
 def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.ndarray, input_format: str,
              fingerprint: str, run_args: dict[str, Any], signals) -> None:
     """Builds the model and trains it, writing the checkpoints, metrics and plot into --ckpt_dir."""
@@ -195,9 +182,8 @@ def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.
     model.to(ctx.device).train()
     valid_idx, train_idx = (aligned.split_by_block(cells, args.valid_ratio, seed) if utils.is_streamed(aligned)
                             else split_cells(cells, args.valid_ratio, seed))
-    choice = utils.choose_pretrain_schedule(args.schedule, len(train_idx), schedule_flags(args, resume))
-    logger.info(choice.description)
-    training = utils.prepare_training(model, args.amp, choice.schedule, ctx, resume)
+    schedule = utils.Schedule(args.learning_rate, args.min_lr, args.cycle, args.warmup, args.lr_decay)
+    training = utils.prepare_training(model, args.amp, schedule, ctx, resume)
     train_set = utils.token_dataset(aligned, input_format, model.config.bin_num, indices=train_idx)
     valid_set = utils.token_dataset(aligned, input_format, model.config.bin_num, indices=valid_idx)
     logger.info(f"model: preset {args.model if resume is None else 'from checkpoint'}, "
@@ -221,8 +207,7 @@ def pretrain(args, ctx, resume, seed: int, panel: list[str], aligned, cells: np.
                                 training.precision),
         plan, records, ctx,
         checkpoint_fields={"gene_panel": list(panel), "input_format": input_format,
-                           "data_fingerprint": fingerprint, "data_path": args.data_path,
-                           "schedule": dataclasses.asdict(choice.schedule)},
+                           "data_fingerprint": fingerprint, "data_path": args.data_path},
         run_args={**run_args, "seed": seed}, signals=signals)
 
 
@@ -254,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epoch", type=int, default=5, help="training epochs (small default for the CPU quick start)")
     train.add_argument("--batch_size", type=int, default=8, help="cells per step and process")
     train.add_argument("--grad_acc", type=int, default=1, help="steps of gradient accumulation")
-    utils.add_schedule_flags(train, auto=True, epochs=False)
+    utils.add_schedule_flags(train)
     train.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     train.add_argument("--mask_prob", type=float, default=0.15)
     train.add_argument("--replace_prob", type=float, default=0.9)

@@ -363,10 +363,10 @@ PUBLISHED_SCHEDULE = {"learning_rate": 1e-4, "min_lr": 1e-6, "cycle": 15, "warmu
 PUBLISHED_EPOCHS = 15  # one first cycle
 
 
-def add_schedule_flags(group: Any, auto: bool = False, epochs: bool = True) -> None:
-    """The optimiser and schedule flags shared by both trainers. Without `auto` their defaults are
-    the published values; with it they default to None, and `choose_schedule` (fine-tuning; with
-    `epochs`, --epoch too) or `choose_pretrain_schedule` fills in what the user did not give."""
+def add_schedule_flags(group: Any, auto: bool = False) -> None:
+    """The optimiser and schedule flags shared by both trainers. Without `auto` (pretraining) their
+    defaults are the published values; with it (fine-tuning) they default to None, and
+    `choose_schedule` fills in what the user did not give."""
     def default(name: str) -> Any:
         return None if auto else PUBLISHED_SCHEDULE[name]
 
@@ -381,9 +381,9 @@ def add_schedule_flags(group: Any, auto: bool = False, epochs: bool = True) -> N
     group.add_argument("--lr_decay", type=float, default=default("lr_decay"), help="peak decay per cycle" + tail)
     if auto:
         group.add_argument("--schedule", default="auto", choices=["auto", "published"],
-                           help=f"defaults of the five flags above{' and --epoch' if epochs else ''}: 'auto' chooses "
-                                f"them from the number of training cells (the published schedule for 10^4-"
-                                f"{'10^5' if epochs else ''} cells), 'published' is the published one whatever the size")
+                           help="defaults of the five flags above and --epoch: 'auto' chooses them from the number "
+                                "of training cells (the published schedule for 10^4-10^5 cells), 'published' is "
+                                "the published one whatever the size")
 
 
 def add_run_flags(group: Any) -> None:
@@ -434,7 +434,8 @@ def choose_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> Schedu
     - more than 10^5 cells: the published peak 1e-4 without warm-up (the schedule steps per epoch,
       so a warm-up epoch of 10^6 cells would run at 1e-6), one cosine over ~1.5 x 10^6 cell passes,
       between 2 and 15 epochs."""
-    _check_schedule_kind(kind)
+    if kind not in ("auto", "published"):
+        raise InputError(f"--schedule {kind!r} is not known; use auto or published")
     n = max(int(n_train), 1)
     if kind == "published" or SMALL_DATA_CELLS <= n <= LARGE_DATA_CELLS:
         values, epochs = dict(PUBLISHED_SCHEDULE), PUBLISHED_EPOCHS
@@ -448,37 +449,6 @@ def choose_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> Schedu
                   "lr_decay": 0.9}
         why = (f"auto for {n:,} training cells ({'fewer than 10^4' if small else 'more than 10^5'}; "
                f"--schedule published gives the published one)")
-    return _settle_schedule(values, epochs, given, why)
-
-
-def choose_pretrain_schedule(kind: str, n_train: int, given: Mapping[str, Any]) -> ScheduleChoice:
-    """pretrain.py's schedule for n_train training cells; `given` as for choose_schedule, with --epoch
-    always given (pretraining keeps its own epoch count, default 5). 'published': REFERENCE.md §4's
-    values whatever the size. 'auto': from 10^4 cells the same; below, fine-tuning's small-data rule
-    (peak 3e-4 from the first epoch, one cosine over the run), since the published 5 warm-up epochs
-    are the quick start's whole run: on the default data it never reached its peak
-    (benchmarks/results_accuracy.md, the quickstart rows, measures what that cost)."""
-    _check_schedule_kind(kind)
-    n = max(int(n_train), 1)
-    if kind == "published" or n >= SMALL_DATA_CELLS:
-        values = dict(PUBLISHED_SCHEDULE)
-        why = ("published (--schedule published)" if kind == "published" else
-               f"published ({n:,} training cells: 10^4 or more)")
-    else:
-        values = {"learning_rate": 3e-4, "min_lr": 1e-6, "cycle": None, "warmup": 0, "lr_decay": 0.9}
-        why = f"auto for {n:,} training cells (fewer than 10^4; --schedule published gives the published one)"
-    return _settle_schedule(values, int(given["epoch"]), given, why, epoch_chosen=False)
-
-
-def _check_schedule_kind(kind: str) -> None:
-    if kind not in ("auto", "published"):
-        raise InputError(f"--schedule {kind!r} is not known; use auto or published")
-
-
-def _settle_schedule(values: dict[str, Any], epochs: int, given: Mapping[str, Any], why: str,
-                     epoch_chosen: bool = True) -> ScheduleChoice:
-    """The schedule of `values` with the user's `given` flags winning, checked; its log line (naming
-    --epoch as given only where the schedule would otherwise choose it)."""
     chosen = {k: (given.get(k) if given.get(k) is not None else v) for k, v in values.items()}
     epochs = int(given["epoch"]) if given.get("epoch") is not None else epochs
     if epochs < 1:
@@ -493,7 +463,7 @@ def _settle_schedule(values: dict[str, Any], epochs: int, given: Mapping[str, An
                          f"({chosen['cycle']} epochs); lower --warmup or raise --cycle")
     schedule = Schedule(float(chosen["learning_rate"]), float(chosen["min_lr"]), int(chosen["cycle"]),
                         int(chosen["warmup"]), float(chosen["lr_decay"]))
-    mine = [k for k in (*values, *(["epoch"] if epoch_chosen else [])) if given.get(k) is not None]
+    mine = [k for k in (*values, "epoch") if given.get(k) is not None]
     text = (f"schedule {why}: {epochs} epochs, peak lr {schedule.learning_rate:g}, warm-up {schedule.warmup}, "
             f"first cycle {schedule.cycle} epochs, floor {schedule.min_lr:g}, decay {schedule.lr_decay:g}"
             + (f"; given: {', '.join('--' + k for k in mine)}" if mine else ""))

@@ -36,8 +36,7 @@ from train_utils import (  # noqa: F401
     load_checkpoint, logger, make_loader, make_scheduler, maybe_no_sync, model_checkpoint_fields, predict,
     prepare_training, progress, read_checkpoint, resolve_amp, resume_point, reuse_freed_memory, rng_state,
     run_epochs, run_main, save_checkpoint, seed_everything, set_rng_state, setup_distributed, step_statistics,
-    add_fault_flags, guarded_run, EpochLoader, choose_schedule, choose_pretrain_schedule, ScheduleChoice, weighted_draw,
-    PUBLISHED_SCHEDULE,
+    add_fault_flags, guarded_run, EpochLoader, choose_schedule, ScheduleChoice, weighted_draw,
     strip_wrapper_prefixes, to_plain, train_one_epoch, unwrap, versions, warm_restart_lr,
     wrap_ddp,
 )

@@ -14,7 +14,6 @@ import torch
 
 import ensemble
 import finetune
-import pretrain
 import utils
 from helpers import run_script
 from model import PerformerLM, get_config
@@ -50,27 +49,6 @@ def test_auto_schedule_follows_the_number_of_training_cells():
     assert utils.choose_schedule("published", 500, given(warmup=0)).schedule.warmup == 0
     with pytest.raises(utils.InputError, match="--warmup 5 .* shorter than the cycle"):
         utils.choose_schedule("auto", 500, given(warmup=5, epoch=4))
-
-
-def test_pretraining_schedule_leaves_the_warm_up_on_small_data_and_keeps_its_epochs():
-    small = utils.choose_pretrain_schedule("auto", 700, given(epoch=5))
-    assert (small.epochs, small.schedule) == (5, utils.Schedule(3e-4, 1e-6, 5, 0, 0.9))
-    assert "given" not in small.description  # --epoch is pretraining's own, not the schedule's choice
-    assert utils.choose_pretrain_schedule("auto", 20_000, given(epoch=5)).schedule == utils.Schedule(1e-4, 1e-6, 15, 5, 0.9)
-    assert utils.choose_pretrain_schedule("published", 700, given(epoch=5)).schedule.warmup == 5
-    mine = utils.choose_pretrain_schedule("auto", 700, given(epoch=5, learning_rate=1e-3, warmup=1))
-    assert (mine.schedule.learning_rate, mine.schedule.warmup) == (1e-3, 1) and "given: --learning_rate, --warmup" \
-        in mine.description
-
-
-def test_pretraining_resume_keeps_the_schedule_it_started_with(tmp_path, default_subset):
-    base = ["--model", "tiny", "--amp", "none", "--batch_size", "16", "--no-pos_embed", "--data_path",
-            str(default_subset), "--ckpt_dir", str(tmp_path), "--min_genes", "0"]
-    pretrain.main(pretrain.build_parser().parse_args([*base, "--epoch", "2"]))
-    assert torch.load(tmp_path / "pretrain.pth", weights_only=True)["schedule"]["cycle"] == 2  # one cosine over 2
-    pretrain.main(pretrain.build_parser().parse_args([*base, "--epoch", "3", "--resume"]))
-    ckpt = torch.load(tmp_path / "pretrain.pth", weights_only=True)
-    assert ckpt["epoch"] == 3 and ckpt["schedule"]["cycle"] == 2  # not re-chosen as one cosine over 3
 
 
 def test_finetune_prints_its_schedule_and_writes_the_new_columns(tmp_path, default_subset, caplog):
