@@ -148,18 +148,33 @@ def read_dataset(path: str | os.PathLike | None, backed: bool = False) -> ad.Ann
 def _read_table(path: Path, sep: str) -> ad.AnnData:
     """A cells x genes text table: the first column names the cells, numeric columns are genes and
     the others (such as a column of cell types) become obs columns."""
-    frame = pd.read_csv(path, sep=sep, index_col=0)
-    genes = frame.select_dtypes(include="number")
-    if genes.shape[1] == 0:
+    # the header is read apart: pandas would rename a gene named twice (ACTB, ACTB.1), and the panel
+    # alignment sums repeated genes only under one name
+    names = [str(n) for n in pd.read_csv(path, sep=sep, header=None, nrows=1).iloc[0].tolist()]
+    frame = pd.read_csv(path, sep=sep, header=None, skiprows=1, index_col=0)
+    if len(names) == frame.shape[1] + 1:
+        names = names[1:]  # the header names the cell column too
+    if len(names) != frame.shape[1]:
+        raise InputError(f"{path}: the header has {len(names)} names for {frame.shape[1]} columns of values; "
+                         f"expected cells as rows and genes as columns, the first column naming the cells")
+    numeric = np.array([pd.api.types.is_numeric_dtype(frame.iloc[:, i]) for i in range(frame.shape[1])], dtype=bool)
+    if not numeric.any():
         raise InputError(f"{path} has no numeric column: expected cells as rows and genes as columns, the first "
                          f"column naming the cells")
-    obs = frame.drop(columns=genes.columns)
+    obs = frame.iloc[:, ~numeric].copy()
+    obs.columns = [n for n, keep in zip(names, ~numeric) if keep]
     obs.index = frame.index.astype(str)
+    obs.index.name = None
+    obs.columns.name = None
     if obs.shape[1]:
-        logger.info(f"{path.name}: {genes.shape[1]} numeric columns read as genes; {obs.shape[1]} other(s) as obs "
-                    f"columns: {', '.join(map(str, obs.columns[:8]))}")
-    X = sp.csr_matrix(genes.to_numpy(dtype=np.float32, na_value=0.0))
-    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes.columns.astype(str)))
+        logger.info(f"{path.name}: {int(numeric.sum())} numeric columns read as genes; {obs.shape[1]} other(s) as "
+                    f"obs columns: {', '.join(map(str, obs.columns[:8]))}")
+    values = frame.iloc[:, numeric].to_numpy(dtype=np.float32, na_value=np.nan)
+    if np.isnan(values).any():
+        logger.info(f"{path.name}: {int(np.isnan(values).sum())} empty values read as 0")
+        values = np.nan_to_num(values, nan=0.0)
+    genes = [n for n, keep in zip(names, numeric) if keep]
+    return ad.AnnData(X=sp.csr_matrix(values), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def read_reference(path: str, label_key: str, loaded: Loaded, input_format: str,
         if model_format is not None and data_format != model_format:  # rescaled in memory, as align_cells does
             adata = utils.align_to_panel(adata.to_memory() if adata.isbacked else adata, loaded.panel,
                                          input_format=data_format, gene_map=gene_map, model_format=model_format)
-            data_format = model_format
+            data_format, gene_map = model_format, None  # on the panel already
         dataset = utils.TokenDataset(adata, data_format, loaded.model.config.bin_num, indices=rows,
                                      panel=loaded.panel, gene_map=gene_map)
     except utils.InputError as err:

@@ -105,6 +105,10 @@ def labelled_cells(adata, label_key: str, min_cells_per_class: int) -> LabelledC
     labels = utils.read_labels(adata, label_key)
     if labels is None:
         columns = utils.obs_columns(adata)
+        if label_key in set(map(str, utils.data_genes(adata))):  # a table's column of numbers is read as a gene
+            raise utils.InputError(f"the data has no obs column {label_key!r}: a column of that name was read as a "
+                                   f"gene (its values are numbers); write the types as text (e.g. 'c0', 'c1') or "
+                                   f"put them in an .h5ad's obs")
         if columns == "none":  # a 10x folder or .h5, or a table of genes only: nothing to name
             raise utils.InputError(f"the data has no obs column {label_key!r}: it has no obs columns at all (10x "
                                    f"files carry no cell types); add the types as a column of an .h5ad's obs, or "
@@ -161,10 +165,10 @@ SPLIT_FLAGS = ("data_path", "label_key", "min_cells_per_class", "folds", "test_s
 
 
 def check_resume(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, args: argparse.Namespace,
-                 label_names: list[str], panel: list[str]) -> None:
+                 label_names: list[str], panel: list[str], input_format: str) -> None:
     """With --resume, before anything is written: each run or fold checkpoint there is to continue was
     started on the cells this command splits off (train, valid and test), from its seed, for its cell
-    types and on its gene panel. A different --seed or --test_size would otherwise go on training a
+    types, on its gene panel and tokenised alike (input_format). A different --seed or --test_size would otherwise go on training a
     model on what are now the test cells (the data fingerprint alone does not see that)."""
     if not args.resume:
         return
@@ -175,7 +179,7 @@ def check_resume(splits: list[dict[str, np.ndarray]], ckpt_dir: Path, args: argp
         stored = utils.read_checkpoint(path, mmap=True)
         wanted = {"splits": {key: [int(i) for i in rows] for key, rows in split.items()},
                   "seed": args.seed + (k if len(splits) > 1 else 0), "label_names": list(label_names),
-                  "gene_panel": list(panel)}
+                  "gene_panel": list(panel), "input_format": input_format}
         differ = [key for key, value in wanted.items() if key in stored and stored[key] != value]
         if differ:
             saved = stored.get("args", {})
@@ -612,8 +616,8 @@ def main(args: argparse.Namespace) -> Path:
     # data: labelled cells, splits, the panel
     adata = utils.open_cells(args.data_path, utils.SomaOptions(args.soma_measurement, args.soma_layer,
                                                                args.obs_filter))
-    input_format = utils.detect_input_format(adata, args.input_format)
     labelled = labelled_cells(adata, args.label_key, args.min_cells_per_class)
+    input_format = utils.detect_input_format(adata, args.input_format)
     splits = make_splits(labelled, args.folds, args.test_size, args.valid_size, args.seed, args.min_valid_per_class)
     choice = utils.choose_schedule(args.schedule, len(splits[0]["train"]), schedule_flags(args, ckpt_dir))
     logger.info(choice.description)
@@ -626,11 +630,11 @@ def main(args: argparse.Namespace) -> Path:
                 f"most validation types, then has the highest macro-F1")
     gene_map = utils.read_gene_map(args.gene_map)
     panel = choose_panel(start, start_path, args.gene_panel, adata, args.gene_num, input_format, gene_map)
-    check_resume(splits, ckpt_dir, args, labelled.names, panel)
     # tokenised as the starting checkpoint's cells were (rescaled where the data is in the other format)
     aligned = utils.align_to_panel(adata, panel, input_format=input_format, gene_map=gene_map,
                                    model_format=start.get("input_format") if start is not None else None)
     data_format, input_format = input_format, aligned.uns["scbert_input_format"]
+    check_resume(splits, ckpt_dir, args, labelled.names, panel, input_format)
     found = aligned.uns["scbert_panel_overlap"]
     logger.info(f"data: {len(labelled.rows)} labelled cells of {len(labelled.names)} types; {found['found']} of "
                 f"{found['total']} panel genes found ({data_format} input)")

@@ -81,7 +81,7 @@ def align_to_panel(data: Any, panel: list[str], min_overlap: float = 0.1, input_
                              f"streamed source is not rescaled from; "
                              + ("normalise it with scanpy normalize_total(target_sum=1e4) + log1p over all its genes"
                                 if model_format == "log1p" else "supply its raw counts")
-                             + ", or load it as one in-memory .h5ad (it is then rescaled)")
+                             + " and pass that")
         return data.align(panel, min_overlap, fmt, gene_map)
     return data_utils.align_to_panel(data, panel, min_overlap, input_format, gene_map, model_format)
 

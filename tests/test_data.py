@@ -628,6 +628,13 @@ def test_readers_all_formats(tmp_path):
         assert r.shape == (12, 6) and list(r.var_names) == list(a.var_names), name
         np.testing.assert_array_equal(r.X.toarray(), dense, err_msg=name)
         assert list(du.read_labels(r, "cell_type")) == list(labelled["cell_type"]), name
+    # a gene named twice keeps its name (the panel alignment sums it), an empty value is 0
+    (tmp_path / "twice.csv").write_text("cell,ACTB,ACTB,CD3E,type\nc1,1,2,3,T\nc2,4,,6,B\n")
+    r = du.read_dataset(tmp_path / "twice.csv")
+    assert list(r.var_names) == ["ACTB", "ACTB", "CD3E"] and list(r.obs["type"]) == ["T", "B"]
+    np.testing.assert_array_equal(r.X.toarray(), [[1, 2, 3], [4, 0, 6]])
+    np.testing.assert_array_equal(du.align_to_panel(r, ["ACTB", "CD3E"], input_format="counts").X.toarray(),
+                                  [[3, 3], [4, 6]])
     pd.DataFrame({"type": ["a", "b"]}, index=["c1", "c2"]).to_csv(tmp_path / "nogenes.csv")
     with pytest.raises(du.InputError, match="no numeric column"):
         du.read_dataset(tmp_path / "nogenes.csv")

@@ -78,6 +78,17 @@ def test_no_label_column_in_a_file_without_obs(tmp_path, out, capsys):
     assert_nothing_written(out)
 
 
+def test_a_numeric_label_column_of_a_table_is_named_as_read_as_a_gene(tmp_path, out, capsys):
+    adata = labelled_counts()
+    table = adata.to_df()
+    table.insert(0, "leiden", np.arange(adata.n_obs) % 3)  # cluster ids: numbers, so read as a gene
+    table.to_csv(tmp_path / "cells.csv")
+    err = run_in_process(finetune, ["--data_path", str(tmp_path / "cells.csv"), "--label_key", "leiden",
+                                    "--from_scratch", "--ckpt_dir", str(out)], capsys)
+    assert "read as a gene" in err and "as text" in err
+    assert_nothing_written(out)
+
+
 def test_no_label_column(tmp_path, out, capsys):
     err = run_in_process(finetune, ["--label_key", "cell_type_fine", "--ckpt_dir", str(out), "--from_scratch"],
                          capsys)
