@@ -129,7 +129,6 @@ class Loaded(NamedTuple):
     panel: list[str]           # genes, in model order
     weights_hash: str          # annotation.checkpoint_hash of its weights
     other_members: tuple = ()  # an ensemble's members after the first (`model`), whose probabilities are averaged
-    is_ensemble: bool = False  # from an ensemble file (even of one member)
 
 
 def load_model(model_path: str, label_names_path: str | None, panel_path: str | None,
@@ -152,7 +151,7 @@ def load_model(model_path: str, label_names_path: str | None, panel_path: str | 
         classes = checkpoint_classes(ckpt, model.to_out.n_classes, label_names_path)
     panel = checkpoint_panel(ckpt, model.config.gene_num, panel_path)
     weights_hash = annotation.checkpoint_hash(model.state_dict())
-    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others, ensemble.is_ensemble(ckpt))
+    return Loaded(model.to(device).eval(), ckpt, classes, panel, weights_hash, others)
 
 
 def ensemble_logits(loaded: Loaded, first: np.ndarray, dataset: utils.TokenDataset, batch_size: int,
@@ -205,7 +204,7 @@ class Cells(NamedTuple):
     scope: str               # which cells, in words
     overlap: dict[str, Any]  # panel genes found in the data
     name: str                # the data, in words
-    data_format: str = ""    # adata's own input format
+    data_format: str         # adata's own input format
 
 
 def align_cells(data_path: str | None, ckpt: dict[str, Any], panel: list[str], input_format: str,
@@ -660,7 +659,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threshold = args.unassign_thres if args.novel_type else None
     dataset = utils.token_dataset(cells.aligned, cells.input_format, config.bin_num, indices=cells.rows)
     embedded = embed(loaded.model, dataset, batch_size, ctx, precision, args.num_workers, "cells")
-    if loaded.is_ensemble:
+    if ensemble.is_ensemble(loaded.ckpt):  # of one member too
         logits, agreement = ensemble_logits(loaded, embedded.logits, dataset, batch_size, ctx, precision,
                                             args.num_workers)
         embedded = embedded._replace(logits=logits, agreement=agreement)
@@ -682,7 +681,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     truth = None if truth_all is None else truth_all[cells.rows]
     metrics = score(calls, classifier, voting, truth, label_key, cells, loaded, args.model_path, precision.mode,
                     embedded.seconds)
-    if loaded.is_ensemble:
+    if ensemble.is_ensemble(loaded.ckpt):
         metrics["ensemble_members"] = [str(m) for m in loaded.ckpt[ensemble.ENSEMBLE_KEY]]
         metrics["fold_agreement"] = agreement_report(embedded.agreement, classifier.labels, truth, loaded.classes,
                                                      len(loaded.other_members) + 1,

@@ -152,7 +152,7 @@ def make_splits(cells: LabelledCells, folds: int, test_size: float, valid_size: 
     if folds and folds < 2:
         raise utils.InputError(f"--folds {folds} makes no ensemble (one fold is the single run); use --folds 2 or "
                                f"more, or leave it off")
-    if folds and folds > 1:  # each fold validates on a stratified draw from its K-th of the non-test cells
+    if folds:  # each fold validates on a stratified draw from its K-th of the non-test cells
         splits = utils.stratified_folds(cells.labels, folds, test_size, seed, valid_size, min_valid_per_class)
     else:
         splits = [utils.stratified_splits(cells.labels, test_size, valid_size, seed, min_valid_per_class)]
